@@ -1,0 +1,119 @@
+/*
+ * llama_steer.h -- the C API of the llama-steer native hook.
+ *
+ * One opaque handle (steer_hook) holds a steering + observation config and is installed as
+ * llama.cpp's cb_eval (steer_cb_eval, user data = the handle). Every function returns
+ * STEER_OK (0) or a negative STEER_E_* code; the Python layer (_native.py) turns codes into
+ * exceptions. The block between CDEF-BEGIN and CDEF-END is read verbatim by the cffi build
+ * (native/build_ffi.py), so it holds plain declarations only: no #include, no macros with
+ * expressions, no preprocessor conditionals.
+ *
+ * Units: biases are in logit units (the scale applied by softmax, i.e. after 1/sqrt(d));
+ * the hook divides by each layer's kq scale, read from the graph, before adding to the raw
+ * QK^T node kq-<il>.
+ */
+#ifndef LLAMA_STEER_H
+#define LLAMA_STEER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CDEF-BEGIN */
+#define STEER_OK 0
+#define STEER_E_ARG -1
+#define STEER_E_NOMEM -2
+#define STEER_E_LAYOUT -3
+#define STEER_E_UNBOUND -4
+#define STEER_E_SCALE -5
+
+/* conditions the callback met while running (bitmask in steer_stats.flags) */
+#define STEER_F_DEVICE_TENSOR 1
+#define STEER_F_NOT_F32 2
+#define STEER_F_SHAPE 4
+#define STEER_F_NO_SCALE 8
+#define STEER_F_SOFTCAP 16
+#define STEER_F_BAD_NAME 32
+
+/* phases (bitmask in a config; one value in steer_hook_begin_eval) */
+#define STEER_PHASE_PREFILL 1
+#define STEER_PHASE_DECODE 2
+
+/* which query rows the observer reads */
+#define STEER_ROWS_LAST 0
+#define STEER_ROWS_ALL 1
+
+typedef struct steer_hook steer_hook;
+
+typedef struct steer_stats {
+    uint64_t n_asked;       /* graph nodes seen in the ask phase */
+    uint64_t n_kq_edited;   /* kq-<il> nodes edited */
+    uint64_t n_rows_edited; /* (query row, head) pairs edited */
+    uint64_t n_obs_nodes;   /* kq_soft_max-<il> nodes observed */
+    uint32_t flags;         /* STEER_F_* met since the last reset */
+    int32_t last_n_kv;      /* ne[0] of the last hooked node */
+    int32_t last_n_tokens;  /* ne[1] of the last hooked node */
+} steer_stats;
+
+/* lifecycle */
+int steer_hook_new(steer_hook **out);
+void steer_hook_free(steer_hook *h);
+
+/* Bind to a model's shape and check this build's mirror of struct ggml_tensor against the
+ * loaded libggml, using a probe tensor made by ggml (F32, ne = {5, 7, 3, 2}, name
+ * "llama-steer-probe") and ggml's own accessors. On a mismatch returns STEER_E_LAYOUT and
+ * the hook stays unbound: the callback then asks for nothing and never touches memory. */
+int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
+                    void *fn_get_name, void *fn_get_data, void *fn_nbytes,
+                    void *fn_buffer_is_host);
+
+/* Publish a new config (copied; double-buffered, safe while another thread evaluates).
+ * heads:   [n_layer * n_head] 0/1, row-major (layer, head); NULL = no head steered
+ * bias:    [n_cells] additive bias per KV cell in logit units, strength already applied
+ * tail:    bias for cells >= n_cells (PASTA's "everything else"), logit units
+ * phases:  STEER_PHASE_* bitmask of the phases whose rows are edited
+ * region:  [n_region_cells] region id per KV cell for the observer, -1 = none; NULL = off
+ * obs_layers: [n_layer] 0/1 layers whose kq_soft_max is observed; NULL = none
+ * obs_rows:   STEER_ROWS_LAST (overwrite with the last row) or STEER_ROWS_ALL (accumulate) */
+int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias,
+                          int32_t n_cells, float tail, int32_t phases,
+                          const int16_t *region, int32_t n_region_cells, int32_t n_regions,
+                          const uint8_t *obs_layers, int32_t obs_rows);
+
+/* Bracket one llama_decode: the config is pinned for the whole call (every layer of a token
+ * sees the same config) and rows are edited only if `phase` is in the config's phases. */
+int steer_hook_begin_eval(steer_hook *h, int32_t phase);
+int steer_hook_end_eval(steer_hook *h);
+
+int steer_hook_get_stats(steer_hook *h, steer_stats *out, int32_t reset);
+/* per-layer softmax scale read from the graph (0 = not seen yet); out: [n_layer] */
+int steer_hook_get_scales(steer_hook *h, float *out, int32_t n);
+int steer_hook_set_scale(steer_hook *h, int32_t layer, float scale);
+/* observer sums: out [n_layer * n_head * n_regions] (layer, head, region); rows_out: [n_layer]
+ * query rows accumulated per layer */
+int steer_hook_read_obs(steer_hook *h, float *out, int32_t n, uint64_t *rows_out,
+                        int32_t reset);
+
+/* The llama.cpp eval callback (ggml_backend_sched_eval_callback); user_data = the hook. */
+bool steer_cb_eval(void *t, bool ask, void *user_data);
+
+/* The callback's own edit/observe routines on a caller's buffer (tests, references).
+ * Layout as kq-<il>: element (j, i, h, s) at byte offset j*4 + i*nb1 + h*nb2 + s*nb3. */
+int steer_hook_edit_buffer(steer_hook *h, int32_t layer, int32_t phase, float *data,
+                           int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                           int64_t nb1, int64_t nb2, int64_t nb3);
+int steer_hook_observe_buffer(steer_hook *h, int32_t layer, const float *data,
+                              int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                              int64_t nb1, int64_t nb2, int64_t nb3);
+
+/* CDEF-END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LLAMA_STEER_H */

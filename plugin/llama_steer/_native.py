@@ -1,0 +1,356 @@
+"""The only module that touches cffi and the native hook.
+
+    NativeError ........ a native call failed (its message names the cause and the fix)
+    Hook ............... owns one ``steer_hook``; bind, publish configs, bracket evals, read
+                         stats, scales and observer sums; context manager, close() twice is safe
+    ggml_probe() ....... a real ggml tensor made by the loaded libggml, for the ABI check
+    callback_address ... address of ``steer_cb_eval`` for llama_context_params.cb_eval
+
+Return codes are checked here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from llama_steer import _steer_native
+
+ffi = _steer_native.ffi
+lib = _steer_native.lib
+
+PHASE_PREFILL = lib.STEER_PHASE_PREFILL
+PHASE_DECODE = lib.STEER_PHASE_DECODE
+ROWS_LAST = lib.STEER_ROWS_LAST
+ROWS_ALL = lib.STEER_ROWS_ALL
+
+FLAGS = {
+    lib.STEER_F_DEVICE_TENSOR: (
+        "an attention tensor lives in GPU memory and the CUDA path is not available; pass "
+        "offload_kqv=False so attention stays on the host"
+    ),
+    lib.STEER_F_NOT_F32: "an attention tensor is not F32 (unsupported ggml build)",
+    lib.STEER_F_SHAPE: "an attention tensor has an unexpected layout (non-contiguous rows)",
+    lib.STEER_F_NO_SCALE: (
+        "a layer's softmax scale was never seen in the graph (is flash attention on?)"
+    ),
+    lib.STEER_F_SOFTCAP: (
+        "the model applies attention logit soft-capping (tanh) after kq; an additive edit of "
+        "kq would be squashed, so this model is not supported"
+    ),
+    lib.STEER_F_BAD_NAME: "a kq node names a layer index outside the model",
+}
+
+_MESSAGES = {
+    lib.STEER_E_ARG: "invalid argument",
+    lib.STEER_E_NOMEM: "out of memory",
+    lib.STEER_E_LAYOUT: (
+        "the ggml_tensor layout compiled into llama-steer does not match the loaded libggml; "
+        "llama-steer mirrors llama-cpp-python 0.3.36: install that version, or rebuild "
+        "llama-steer after updating native/ggml_mirror.h (see README, 'Newer llama.cpp')"
+    ),
+    lib.STEER_E_UNBOUND: "the hook is not bound to a model yet",
+    lib.STEER_E_SCALE: "the softmax scale of the layer is unknown",
+}
+
+
+class NativeError(RuntimeError):
+    """A call into the native hook failed."""
+
+    def __init__(self, what: str, rc: int):
+        self.rc = rc
+        super().__init__(f"{what}: {_MESSAGES.get(rc, f'error {rc}')}")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != lib.STEER_OK:
+        raise NativeError(what, rc)
+
+
+def describe_flags(flags: int) -> list[str]:
+    """Messages for the STEER_F_* bits set in ``flags``."""
+    return [msg for bit, msg in FLAGS.items() if flags & bit]
+
+
+def callback_address() -> int:
+    """Address of the C eval callback, for ``llama_context_params.cb_eval``."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "steer_cb_eval")))
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counters of the callback since the last reset."""
+
+    n_asked: int
+    n_kq_edited: int
+    n_rows_edited: int
+    n_obs_nodes: int
+    flags: int
+    last_n_kv: int
+    last_n_tokens: int
+
+
+class _GgmlInitParams(ctypes.Structure):
+    _fields_ = [
+        ("mem_size", ctypes.c_size_t),
+        ("mem_buffer", ctypes.c_void_p),
+        ("no_alloc", ctypes.c_bool),
+    ]
+
+
+_ggml_lock = threading.Lock()
+_ggml_fns: dict | None = None
+
+
+def _ggml():
+    """ggml's own functions from the libggml that llama-cpp-python loaded."""
+    global _ggml_fns
+    with _ggml_lock:
+        if _ggml_fns is None:
+            import llama_cpp._ggml as g
+
+            L = g.libggml
+            L.ggml_init.argtypes = [_GgmlInitParams]
+            L.ggml_init.restype = ctypes.c_void_p
+            L.ggml_free.argtypes = [ctypes.c_void_p]
+            L.ggml_free.restype = None
+            L.ggml_new_tensor_4d.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 4
+            L.ggml_new_tensor_4d.restype = ctypes.c_void_p
+            L.ggml_set_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            L.ggml_set_name.restype = ctypes.c_void_p
+
+            def addr(name: str) -> int:
+                return ctypes.cast(getattr(L, name), ctypes.c_void_p).value
+
+            _ggml_fns = {
+                "lib": L,
+                "get_name": addr("ggml_get_name"),
+                "get_data": addr("ggml_get_data"),
+                "nbytes": addr("ggml_nbytes"),
+                "buffer_is_host": addr("ggml_backend_buffer_is_host"),
+            }
+        return _ggml_fns
+
+
+class Hook:
+    """One native steering hook. ``with Hook() as h: ...``; ``close()`` is idempotent."""
+
+    def __init__(self) -> None:
+        out = ffi.new("steer_hook **")
+        _check(lib.steer_hook_new(out), "steer_hook_new")
+        self._h = out[0]
+        self._lock = threading.Lock()
+        self.n_layer = 0
+        self.n_head = 0
+        self._n_regions = 0
+        self._keep: list = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def handle_address(self) -> int:
+        self._alive()
+        return int(ffi.cast("uintptr_t", self._h))
+
+    def _alive(self) -> None:
+        if self._h is None:
+            raise RuntimeError("the steering hook is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._h is not None:
+                lib.steer_hook_free(self._h)
+                self._h = None
+
+    def __enter__(self) -> Hook:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- binding ----------------------------------------------------------------------------
+    def bind(self, n_layer: int, n_head: int) -> None:
+        """Bind to a model shape after checking the ggml_tensor ABI against libggml."""
+        self._alive()
+        g = _ggml()
+        L = g["lib"]
+        ctx = L.ggml_init(_GgmlInitParams(1 << 16, None, False))
+        if not ctx:
+            raise NativeError("ggml_init", lib.STEER_E_NOMEM)
+        try:
+            t = L.ggml_new_tensor_4d(ctx, 0, 5, 7, 3, 2)
+            L.ggml_set_name(t, b"llama-steer-probe")
+            _check(
+                lib.steer_hook_bind(
+                    self._h,
+                    n_layer,
+                    n_head,
+                    ffi.cast("void *", t),
+                    ffi.cast("void *", g["get_name"]),
+                    ffi.cast("void *", g["get_data"]),
+                    ffi.cast("void *", g["nbytes"]),
+                    ffi.cast("void *", g["buffer_is_host"]),
+                ),
+                "steer_hook_bind",
+            )
+        finally:
+            L.ggml_free(ctx)
+        self.n_layer, self.n_head = n_layer, n_head
+
+    # -- config -----------------------------------------------------------------------------
+    def set_config(
+        self,
+        heads: np.ndarray | None,
+        bias: np.ndarray,
+        tail: float = 0.0,
+        phases: int = PHASE_PREFILL | PHASE_DECODE,
+        region: np.ndarray | None = None,
+        n_regions: int = 0,
+        obs_layers: np.ndarray | None = None,
+        obs_rows: int = ROWS_LAST,
+    ) -> None:
+        """Publish a config.
+
+        heads: (n_layer, n_head) bool; bias: (n_cells,) float32 logit units;
+        region: (n_cells,) int16 region ids (-1 none); obs_layers: (n_layer,) bool.
+        """
+        self._alive()
+        L, H = self.n_layer, self.n_head
+        h_arr = None
+        if heads is not None:
+            heads = np.ascontiguousarray(heads, dtype=np.uint8)
+            if heads.shape != (L, H):
+                raise ValueError(f"heads mask has shape {heads.shape}, expected {(L, H)}")
+            h_arr = heads
+        b = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+        r = None if region is None else np.ascontiguousarray(region, dtype=np.int16).reshape(-1)
+        o = None
+        if obs_layers is not None:
+            o = np.ascontiguousarray(obs_layers, dtype=np.uint8).reshape(-1)
+            if o.shape != (L,):
+                raise ValueError(f"obs_layers has shape {o.shape}, expected {(L,)}")
+
+        def ptr(a, ctype):
+            return ffi.NULL if a is None else ffi.from_buffer(ctype, a)
+
+        with self._lock:
+            self._alive()
+            _check(
+                lib.steer_hook_set_config(
+                    self._h,
+                    ptr(h_arr, "uint8_t[]"),
+                    ptr(b if b.size else None, "float[]"),
+                    int(b.size),
+                    float(tail),
+                    int(phases),
+                    ptr(r, "int16_t[]"),
+                    0 if r is None else int(r.size),
+                    int(n_regions) if r is not None else 0,
+                    ptr(o, "uint8_t[]"),
+                    int(obs_rows),
+                ),
+                "steer_hook_set_config",
+            )
+            if r is not None and o is not None and o.any():
+                self._n_regions = int(n_regions)
+
+    # -- evals ------------------------------------------------------------------------------
+    def begin_eval(self, phase: int) -> None:
+        self._alive()
+        _check(lib.steer_hook_begin_eval(self._h, phase), "steer_hook_begin_eval")
+
+    def end_eval(self) -> None:
+        if self._h is not None:
+            _check(lib.steer_hook_end_eval(self._h), "steer_hook_end_eval")
+
+    # -- readouts ---------------------------------------------------------------------------
+    def stats(self, reset: bool = False) -> Stats:
+        self._alive()
+        out = ffi.new("steer_stats *")
+        _check(lib.steer_hook_get_stats(self._h, out, int(reset)), "steer_hook_get_stats")
+        return Stats(
+            out.n_asked,
+            out.n_kq_edited,
+            out.n_rows_edited,
+            out.n_obs_nodes,
+            out.flags,
+            out.last_n_kv,
+            out.last_n_tokens,
+        )
+
+    def scales(self) -> np.ndarray:
+        """(n_layer,) float32 softmax scale per layer as read from the graph (0 = unseen)."""
+        self._alive()
+        out = np.zeros(self.n_layer, dtype=np.float32)
+        _check(
+            lib.steer_hook_get_scales(self._h, ffi.from_buffer("float[]", out), self.n_layer),
+            "steer_hook_get_scales",
+        )
+        return out
+
+    def set_scale(self, layer: int, scale: float) -> None:
+        self._alive()
+        _check(lib.steer_hook_set_scale(self._h, layer, scale), "steer_hook_set_scale")
+
+    def read_obs(self, reset: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Observer sums (n_layer, n_head, n_regions) float32 and rows per layer (n_layer,)."""
+        self._alive()
+        R = self._n_regions
+        out = np.zeros((self.n_layer, self.n_head, R), dtype=np.float32)
+        rows = np.zeros(self.n_layer, dtype=np.uint64)
+        _check(
+            lib.steer_hook_read_obs(
+                self._h,
+                ffi.from_buffer("float[]", out),
+                int(out.size),
+                ffi.from_buffer("uint64_t[]", rows),
+                int(reset),
+            ),
+            "steer_hook_read_obs",
+        )
+        return out, rows
+
+    # -- buffers (tests and references) -----------------------------------------------------
+    def edit_buffer(self, layer: int, phase: int, kq: np.ndarray) -> None:
+        """Apply the callback's edit to ``kq`` in place: float32 array shaped like ggml's
+        ``ne`` reversed, i.e. (n_stream, n_head, n_tokens, n_kv) C-contiguous or padded."""
+        self._alive()
+        ne, nb = _layout(kq)
+        _check(
+            lib.steer_hook_edit_buffer(self._h, layer, phase, _fptr(kq, writable=True), *ne, *nb),
+            "steer_hook_edit_buffer",
+        )
+
+    def observe_buffer(self, layer: int, probs: np.ndarray) -> None:
+        self._alive()
+        ne, nb = _layout(probs)
+        _check(
+            lib.steer_hook_observe_buffer(self._h, layer, _fptr(probs), *ne, *nb),
+            "steer_hook_observe_buffer",
+        )
+
+
+def _fptr(a: np.ndarray, writable: bool = False):
+    # a strided view (padded n_kv) has no contiguous buffer: pass its base address; the caller
+    # keeps ``a`` alive for the duration of the call
+    if writable and not a.flags.writeable:
+        raise ValueError("array is read-only")
+    return ffi.cast("float *", a.ctypes.data)
+
+
+def _layout(a: np.ndarray) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
+    if a.dtype != np.float32 or a.ndim != 4 or a.strides[3] != 4:
+        raise ValueError("expected a float32 array (n_stream, n_head, n_tokens, n_kv), unit stride")
+    if not (a.strides[2] >= 0 and a.strides[1] >= 0 and a.strides[0] >= 0):
+        raise ValueError("negative strides are not supported")
+    ne = (a.shape[3], a.shape[2], a.shape[1], a.shape[0])
+    nb = (a.strides[2], a.strides[1], a.strides[0])
+    return ne, nb

@@ -1,0 +1,307 @@
+"""``llama_steer.Llama``: ``llama_cpp.Llama`` plus ``steering=``.
+
+    Llama.__init__ ..... installs the native callback as cb_eval (context params), binds it
+                         to the model (ABI check), reads each layer's softmax scale
+    Llama.generate ..... publishes the config for this prompt, drops cached cells whose KV
+                         was computed under another config, runs the parent's generate
+    Llama.eval ......... pins the config for one decode, checks hooks fired, tracks cells
+    Llama.steering ..... the attached ``Steering``
+
+Without ``steering`` nothing is installed: the object is exactly the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import inspect
+import threading
+from collections.abc import Sequence
+
+import llama_cpp
+import llama_cpp.llama_cpp as _lc
+import numpy as np
+
+from llama_steer import _native
+from llama_steer.steering import Steering, SteeringError
+
+__all__ = ["Llama"]
+
+# V cache types llama.cpp supports without flash attention (f32, f16, bf16)
+_PLAIN_V_TYPES = {0, 1, 30}
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _cb_eval_in_default_params(hook: _native.Hook):
+    """The parent's __init__ builds its context params from llama_context_default_params();
+    hand it params that already carry our callback, for the duration of __init__ only."""
+    cb = _lc.ggml_backend_sched_eval_callback(_native.callback_address())
+    original = _lc.llama_context_default_params
+
+    def with_callback():
+        p = original()
+        p.cb_eval = cb
+        p.cb_eval_user_data = hook.handle_address
+        return p
+
+    with _params_lock:
+        _lc.llama_context_default_params = with_callback
+        try:
+            yield cb
+        finally:
+            _lc.llama_context_default_params = original
+
+
+class Llama(llama_cpp.Llama):
+    """``llama_cpp.Llama`` with attention steering.
+
+    >>> from llama_steer import Llama, Steering, Text
+    >>> llm = Llama(model_path="gemma-3-270m-q4_k_m.gguf", steering=Steering(roi=Text("Berlin")))
+    >>> llm.create_completion("John lives in Berlin. Where does John live?", temperature=0)
+
+    Every argument and method of ``llama_cpp.Llama`` works as before. With ``steering``,
+    flash attention must stay off (it removes the attention-score nodes the hook edits) and
+    the V cache must be f16/f32/bf16; ``swa_full`` defaults to True so KV cell i holds token
+    i in sliding-window layers too.
+    """
+
+    def __init__(self, *args, steering: Steering | None = None, **kwargs):
+        self._steering: Steering | None = None
+        self._steer_hook: _native.Hook | None = None
+        if steering is None:
+            super().__init__(*args, **kwargs)
+            return
+        if not isinstance(steering, Steering):
+            raise SteeringError(f"steering={steering!r}: pass a llama_steer.Steering")
+        bound = inspect.signature(llama_cpp.Llama.__init__).bind(self, *args, **kwargs)
+        given = bound.arguments
+        extra = given.get("kwargs", {})
+        if given.get("flash_attn") or extra.get("flash_attn"):
+            raise SteeringError(
+                "flash_attn=True with steering: flash attention fuses QK^T, softmax and V into "
+                "one op, so there are no attention scores to edit. Use flash_attn=False "
+                "(the default)."
+            )
+        type_v = given.get("type_v")
+        if type_v is not None and type_v not in _PLAIN_V_TYPES:
+            raise SteeringError(
+                f"type_v={type_v}: a quantized V cache needs flash attention, which steering "
+                "cannot use. Use type_v=None (f16), GGML_TYPE_F32 or GGML_TYPE_BF16."
+            )
+        if given.get("swa_full") is False:
+            raise SteeringError(
+                "swa_full=False with steering: the sliding-window cache then reuses cells, so "
+                "KV cell i no longer holds token i. Leave swa_full unset (steering sets True)."
+            )
+        kwargs["swa_full"] = True
+        hook = _native.Hook()
+        try:
+            with _cb_eval_in_default_params(hook) as cb:
+                super().__init__(*args, **kwargs)
+            self._steer_cb = cb  # keep the function pointer object alive with the context
+            if ctypes.cast(self.context_params.cb_eval, ctypes.c_void_p).value != (
+                _native.callback_address()
+            ):
+                raise SteeringError(
+                    "llama-cpp-python did not take the eval callback from "
+                    "llama_context_default_params(); this llama-cpp-python is not supported "
+                    "(llama-steer pins 0.3.36)"
+                )
+            model = self._model.model
+            hook.bind(_lc.llama_model_n_layer(model), _lc.llama_model_n_head(model))
+            self._steer_hook = hook
+            self._steer_next_phase = _native.PHASE_PREFILL
+            self._steer_last_phase = _native.PHASE_PREFILL
+            self._steer_cell_key: list = []
+            self._steer_stats = hook.stats()
+            self._steer_calibrate()
+            self._steer_generating = False
+            steering._attach(self, hook)
+            self._steering = steering
+        except BaseException:
+            self._steer_hook = None
+            hook.close()
+            raise
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def steering(self) -> Steering | None:
+        """The attached ``Steering`` (None when created without one)."""
+        return self._steering
+
+    def close(self) -> None:
+        if self._steering is not None:
+            self._steering.close()
+        super().close()
+        # the context is gone: no callback can run any more, so the hook may go
+        if self._steer_hook is not None:
+            self._steer_hook.close()
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _steer_calibrate(self) -> None:
+        """Evaluate one token so the hook reads every layer's softmax scale from the graph
+        (edits are given in logit units), and check the graph has what steering needs."""
+        hook = self._steer_hook
+        bos = self._model.token_bos()
+        tok = bos if bos >= 0 else 0
+        hook.stats(reset=True)
+        self._batch.set_batch(batch=[tok], n_past=0, logits_all=False)
+        self._ctx.decode(self._batch)
+        self._ctx.kv_cache_clear()
+        self.n_tokens = 0
+        st = hook.stats(reset=True)
+        problems = _native.describe_flags(st.flags & ~_native.lib.STEER_F_NO_SCALE)
+        if problems:
+            raise SteeringError("; ".join(problems))
+        missing = np.nonzero(hook.scales() <= 0)[0]
+        if missing.size:
+            raise SteeringError(
+                f"no attention-score nodes (kq-<il>, kq_soft_max-<il>) found for layers "
+                f"{missing.tolist()[:8]}{'...' if missing.size > 8 else ''}: flash attention is "
+                "on, or this architecture computes attention in a fused op. Steering needs "
+                "flash_attn=False."
+            )
+
+    # -- sequence and cells -----------------------------------------------------------------
+    def _steer_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        vocab = self._model.vocab
+        buf = ctypes.create_string_buffer(256)
+        out = []
+        for t in tokens:
+            n = _lc.llama_token_to_piece(vocab, int(t), buf, len(buf), 0, False)
+            out.append(bytes(buf.raw[: max(n, 0)]))
+        return out
+
+    def _steer_sequence(self) -> tuple[list[int], list[bytes]]:
+        toks = [int(t) for t in self.input_ids[: self.n_tokens]]
+        return toks, self._steer_pieces(toks)
+
+    def _steer_check_cells(self) -> None:
+        mem = _lc.llama_get_memory(self._ctx.ctx)
+        lo = _lc.llama_memory_seq_pos_min(mem, 0)
+        hi = _lc.llama_memory_seq_pos_max(mem, 0)
+        if self.n_tokens and (lo != 0 or hi != self.n_tokens - 1):
+            raise SteeringError(
+                f"KV cache holds positions {lo}..{hi} for {self.n_tokens} evaluated tokens: "
+                "steering maps token i to KV cell i and needs one sequence (seq 0) evaluated "
+                "from position 0 (do not shift or share the cache while steering)"
+            )
+
+    def _steer_invalidate_stale(self) -> None:
+        """Drop cached cells whose KV was computed under a config other than what a fresh
+        prefill would use now (so removing steering really brings the baseline back)."""
+        want = self._steering._key_for(_native.PHASE_PREFILL)
+        keys = self._steer_cell_key
+        n = min(self.n_tokens, len(keys))
+        for i in range(n):
+            if keys[i] != want:
+                n = i
+                break
+        if n < self.n_tokens:
+            self.n_tokens = n
+            self._ctx.kv_cache_seq_rm(-1, n, -1)
+
+    # -- the parent's hot paths -------------------------------------------------------------
+    def generate(self, tokens: Sequence[int], *args, **kwargs):
+        st = self._steering
+        if st is None:
+            return (yield from super().generate(tokens, *args, **kwargs))
+        tokens = list(tokens)
+        st._publish(tokens, self._steer_pieces(tokens))
+        self._steer_invalidate_stale()
+        self._steer_hook.stats(reset=True)
+        self._steer_next_phase = _native.PHASE_PREFILL
+        self._steer_generating = True
+        try:
+            return (yield from super().generate(tokens, *args, **kwargs))
+        finally:
+            self._steer_generating = False
+
+    def eval(self, tokens: Sequence[int]):
+        st = self._steering
+        if st is None or self._steer_hook is None:
+            return super().eval(tokens)
+        hook = self._steer_hook
+        phase = self._steer_next_phase
+        n_past = self.n_tokens
+        if st._published is None:  # eval() called directly, before any generate()
+            seq = [int(t) for t in self.input_ids[:n_past]] + [int(t) for t in tokens]
+            st._publish(seq, self._steer_pieces(seq))
+        before = hook.stats()
+        with st._lock:
+            key = st._key_for(phase)
+            hook.begin_eval(phase)
+        try:
+            super().eval(tokens)
+        finally:
+            hook.end_eval()
+        self._steer_next_phase = _native.PHASE_DECODE
+        self._steer_last_phase = phase
+        after = hook.stats()
+        self._steer_stats = after
+        keys = self._steer_cell_key
+        del keys[n_past:]
+        keys.extend([key] * (self.n_tokens - n_past))
+        problems = _native.describe_flags(after.flags)
+        if problems:
+            raise SteeringError("steering could not run: " + "; ".join(problems))
+        if key is not None and len(tokens) and after.n_kq_edited == before.n_kq_edited:
+            raise SteeringError(
+                "steering is on but no attention node was hooked during this eval: the "
+                "graph has no kq-<il> nodes (flash attention on?); refusing to run unsteered"
+            )
+        self._steer_check_cells()
+
+    def reset(self):
+        super().reset()
+        if self._steer_hook is not None:
+            self._steer_next_phase = _native.PHASE_PREFILL
+
+    # -- observation ------------------------------------------------------------------------
+    def _steer_attention_to(self, targets: tuple, steered: bool) -> np.ndarray:
+        from llama_steer.steering import resolve_cells
+
+        st, hook = self._steering, self._steer_hook
+        if self.n_tokens == 0:
+            raise SteeringError("nothing evaluated yet: run a completion (or eval) first")
+        if not targets:
+            raise SteeringError("attention_to() needs a target (or a Steering with an roi)")
+        toks, pieces = self._steer_sequence()
+        cells = resolve_cells(targets, toks, pieces)
+        region = np.full(self.n_tokens, -1, dtype=np.int16)
+        region[cells] = 0
+        obs_layers = np.ones(hook.n_layer, dtype=bool)
+        heads, bias, tail, phases = st._published
+        last = int(self.input_ids[self.n_tokens - 1])
+        phase = self._steer_last_phase
+
+        def re_eval(observe: bool, edit: bool) -> None:
+            with st._lock:
+                hook.set_config(
+                    heads if edit else None,
+                    bias,
+                    tail=tail,
+                    phases=phases,
+                    region=region if observe else None,
+                    n_regions=1,
+                    obs_layers=obs_layers if observe else None,
+                )
+                st._edits = edit and st._key is not None
+            self.n_tokens -= 1
+            self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+            self._steer_next_phase = phase
+            self.eval([last])
+
+        try:
+            re_eval(observe=True, edit=steered)
+            obs, rows = hook.read_obs(reset=True)
+        finally:
+            # put the config back and, if the readout changed the last cell, recompute it
+            re_eval(observe=False, edit=True) if not steered else None
+            with st._lock:
+                hook.set_config(heads, bias, tail=tail, phases=phases)
+                st._edits = st._key is not None
+        if not np.all(rows == 1):
+            raise SteeringError("the observer did not see every layer's attention")
+        return obs[:, :, 0].copy()

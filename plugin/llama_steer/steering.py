@@ -1,0 +1,463 @@
+"""Steering configs and text targets.
+
+    SteeringError ..... bad input; the message names the problem and the fix
+    Text, Tokens ...... key cells of a prompt: by substring, or by token index range
+    Steering .......... heads x target x mode x strength; ``update()`` republishes at once
+    MODES, MAX_STRENGTH
+
+How a config becomes a native bias vector (logit units, one value per KV cell):
+
+    bias       b[target] = strength * w            w = 1, or ``weights`` (one per target cell)
+    shift      b[target] = strength * (s - mean)/std   s = ``weights``, a saliency over the ROI
+    redirect   b[domain] = -strength, b[target] = +strength   (the gaze-heads edit)
+    emphasize  b[everything but target] = -strength          (PASTA: attention outside the
+               target scaled by exp(-strength); strength 4.6 ~ PASTA's coefficient 0.01)
+
+Cells: for one sequence evaluated from an empty (or prefix-reused) cache, token i of the
+evaluated sequence sits in KV cell i; ``Llama`` checks this after every eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from llama_steer import _native
+
+if TYPE_CHECKING:
+    from llama_steer.llama import Llama
+
+MODES = ("bias", "shift", "redirect", "emphasize")
+# biases are finite and bounded so an edited row stays finite (no all -inf row, no NaN)
+MAX_STRENGTH = 1.0e4
+
+
+class SteeringError(ValueError):
+    """Bad steering input; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """The prompt tokens that cover a substring (``occurrence``-th match, 0-based).
+
+    >>> Text("Mary lives in Madrid.")
+    >>> Text("the", occurrence=2)
+    >>> Steering(roi=Text("John lives in Berlin."), strength=4.0)
+    """
+
+    text: str
+    occurrence: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.text, str) or not self.text:
+            raise SteeringError("Text() needs a non-empty string to look for in the prompt")
+        if not isinstance(self.occurrence, int) or self.occurrence < 0:
+            raise SteeringError("Text(occurrence=...) must be an int >= 0 (0 = first match)")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token (= KV cell) indices ``start <= i < stop`` of the evaluated sequence.
+
+    >>> Tokens(1, 8)            # tokens 1..7 (token 0 is BOS for most models)
+    >>> Steering(roi=Tokens(10, 20), mode="bias", strength=-6)
+    """
+
+    start: int
+    stop: int
+
+    def __post_init__(self):
+        if not (isinstance(self.start, int) and isinstance(self.stop, int)):
+            raise SteeringError("Tokens(start, stop) takes two ints")
+        if self.start < 0 or self.stop <= self.start:
+            raise SteeringError(
+                f"Tokens({self.start}, {self.stop}) is empty or negative: "
+                "use 0 <= start < stop (stop is exclusive)"
+            )
+
+
+Target = Text | Tokens | Sequence[Text | Tokens]
+
+
+def _as_targets(roi) -> tuple:
+    if roi is None:
+        return ()
+    if isinstance(roi, (Text, Tokens)):
+        return (roi,)
+    if isinstance(roi, str):
+        raise SteeringError(f"roi={roi!r} is a plain string: wrap it as Text({roi!r})")
+    if isinstance(roi, Iterable):
+        out = tuple(roi)
+        for r in out:
+            if not isinstance(r, (Text, Tokens)):
+                raise SteeringError(f"roi item {r!r} is not a Text or Tokens target")
+        return out
+    raise SteeringError(f"roi={roi!r}: expected Text(...), Tokens(...) or a list of them")
+
+
+def resolve_cells(targets: tuple, tokens: Sequence[int], pieces: Sequence[bytes]) -> np.ndarray:
+    """Sorted unique KV cells (int64) that ``targets`` cover in a sequence of ``tokens``.
+
+    ``pieces[i]`` is the text of token i (bytes; b"" for control tokens)."""
+    n = len(tokens)
+    cells: list[np.ndarray] = []
+    blob = b"".join(pieces)
+    ends = np.cumsum([len(p) for p in pieces]) if n else np.zeros(0, dtype=np.int64)
+    starts = ends - np.array([len(p) for p in pieces], dtype=np.int64) if n else ends
+    for t in targets:
+        if isinstance(t, Tokens):
+            if t.stop > n:
+                raise SteeringError(
+                    f"Tokens({t.start}, {t.stop}) reaches past the evaluated sequence, "
+                    f"which has {n} tokens: use stop <= {n}"
+                )
+            cells.append(np.arange(t.start, t.stop, dtype=np.int64))
+        else:
+            needle = t.text.encode("utf-8")
+            pos = -1
+            for _ in range(t.occurrence + 1):
+                pos = blob.find(needle, pos + 1)
+                if pos < 0:
+                    break
+            if pos < 0:
+                shown = blob.decode("utf-8", "replace")
+                shown = shown if len(shown) <= 120 else shown[:117] + "..."
+                which = "" if t.occurrence == 0 else f" (occurrence {t.occurrence})"
+                raise SteeringError(
+                    f"ROI text {t.text!r}{which} is not in the prompt ({n} tokens: {shown!r}); "
+                    "pass a substring of the prompt exactly as written"
+                )
+            lo, hi = pos, pos + len(needle)
+            hit = np.nonzero((starts < hi) & (ends > lo) & (ends > starts))[0]
+            cells.append(hit.astype(np.int64))
+    if not cells:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate(cells))
+
+
+def _check_strength(strength) -> float:
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise SteeringError(f"strength={strength!r} is not a number") from None
+    if not math.isfinite(s):
+        raise SteeringError(
+            f"strength={strength!r} is not finite: use a finite value with "
+            f"|strength| <= {MAX_STRENGTH:g} (large finite values already saturate softmax)"
+        )
+    if abs(s) > MAX_STRENGTH:
+        raise SteeringError(
+            f"|strength|={abs(s):g} exceeds {MAX_STRENGTH:g}; larger values change nothing in "
+            "softmax but risk overflow: lower it"
+        )
+    return s
+
+
+class Steering:
+    """Which heads, which key cells, which mode, how strong.
+
+    >>> steer = Steering(heads="all", roi=Text("Mary lives in Madrid."), strength=-8.0)
+    >>> llm = Llama(model_path="gemma-3-270m-q4_k_m.gguf", steering=steer)
+    >>> llm.steering.update(strength=0)     # next token on: the unsteered model
+
+    heads: "all", a list of (layer, head) pairs (query heads, 0-based), or a bool array
+        (n_layer, n_head).
+    roi: the target cells: Text(...), Tokens(...) or a list of them (union).
+    mode: one of MODES (see the module docstring).
+    strength: logit units (added after the 1/sqrt(d) scale); 0 = no edit at all.
+    weights: per-target-cell values, float array (n_target_cells,): real-valued mask for
+        "bias", the saliency s for "shift".
+    domain: for "redirect": the cells to suppress (the target is boosted).
+    decode_only: edit only generated tokens' queries (the gaze-heads default) instead of
+        prompt and generated tokens.
+    """
+
+    def __init__(
+        self,
+        heads="all",
+        roi: Target | None = None,
+        mode: str = "bias",
+        strength: float = 4.0,
+        weights=None,
+        domain: Target | None = None,
+        decode_only: bool = False,
+    ):
+        self._lock = threading.RLock()
+        self._llm: Llama | None = None
+        self._hook: _native.Hook | None = None
+        self._key: str | None = None
+        self._edits = False
+        self._phases = 0
+        self._cfg: dict = {}
+        self._published: tuple | None = None
+        self._validate_and_set(
+            dict(
+                heads=heads,
+                roi=roi,
+                mode=mode,
+                strength=strength,
+                weights=weights,
+                domain=domain,
+                decode_only=decode_only,
+            )
+        )
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def heads(self):
+        return self._cfg["heads"]
+
+    @property
+    def roi(self) -> tuple:
+        return self._cfg["roi"]
+
+    @property
+    def mode(self) -> str:
+        return self._cfg["mode"]
+
+    @property
+    def strength(self) -> float:
+        return self._cfg["strength"]
+
+    @property
+    def decode_only(self) -> bool:
+        return self._cfg["decode_only"]
+
+    def update(self, **changes) -> Steering:
+        """Change any constructor argument; takes effect at the next evaluated token, also
+        while another thread is streaming a generation (targets then resolve against the
+        tokens evaluated so far). Between generations the change is checked and applied at
+        the next generation's prompt.
+
+        >>> llm.steering.update(strength=0)
+        >>> llm.steering.update(roi=Text("John lives in Berlin."), mode="bias", strength=6)
+        """
+        unknown = set(changes) - set(self._cfg)
+        if unknown:
+            raise SteeringError(
+                f"update() got unknown argument(s) {sorted(unknown)}; known: {sorted(self._cfg)}"
+            )
+        with self._lock:
+            new = dict(self._cfg)
+            new.update(changes)
+            old = self._cfg
+            self._validate_and_set(new)
+            if self._llm is not None and self._llm._steer_generating:
+                try:
+                    self._publish()
+                except Exception:
+                    self._cfg = old
+                    raise
+        return self
+
+    def retarget(self, roi: Target) -> Steering:
+        """``update(roi=roi)``."""
+        return self.update(roi=roi)
+
+    def stats(self) -> _native.Stats:
+        """Callback counters since the start of the last generation (hooked nodes, rows)."""
+        return self._require_llm()._steer_stats
+
+    def attention_to(self, target: Target | None = None, steered: bool = True) -> np.ndarray:
+        """Attention mass on ``target`` (default: the ROI) per layer and head, for the last
+        evaluated token: float32 (n_layer, n_head), probabilities summed over the target's
+        cells (0..1). The seeds' "ROI focus". ``steered=False`` reads the unsteered model.
+
+        >>> llm.create_completion(prompt, max_tokens=1)
+        >>> focus = llm.steering.attention_to(Text("Mary lives in Madrid."))
+        >>> focus.mean()
+        """
+        return self._require_llm()._steer_attention_to(
+            _as_targets(target) if target is not None else self.roi, steered
+        )
+
+    def close(self) -> None:
+        """Detach from the model; the hook stops editing. Safe to call twice."""
+        with self._lock:
+            if self._hook is not None and self._llm is not None:
+                try:
+                    self._hook.set_config(None, np.zeros(0, np.float32), phases=0)
+                except Exception:
+                    pass
+            self._llm = None
+
+    def __enter__(self) -> Steering:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self._cfg
+        heads = c["heads"] if isinstance(c["heads"], str) else f"<{self._n_heads_desc()}>"
+        return (
+            f"Steering(heads={heads}, roi={list(c['roi'])}, mode={c['mode']!r}, "
+            f"strength={c['strength']:g}, decode_only={c['decode_only']})"
+        )
+
+    # -- validation -------------------------------------------------------------------------
+    def _n_heads_desc(self) -> str:
+        h = self._cfg["heads"]
+        if isinstance(h, np.ndarray):
+            return f"{int(h.sum())} heads"
+        return f"{len(h)} heads"
+
+    def _validate_and_set(self, cfg: dict) -> None:
+        mode = cfg["mode"]
+        if mode not in MODES:
+            raise SteeringError(f"mode={mode!r} is not one of {MODES}")
+        cfg["strength"] = _check_strength(cfg["strength"])
+        cfg["roi"] = _as_targets(cfg["roi"])
+        cfg["domain"] = _as_targets(cfg["domain"])
+        cfg["decode_only"] = bool(cfg["decode_only"])
+        heads = cfg["heads"]
+        if isinstance(heads, str):
+            if heads != "all":
+                raise SteeringError(
+                    f"heads={heads!r}: use 'all', a list of (layer, head) pairs, "
+                    "or a bool array (n_layer, n_head)"
+                )
+        elif isinstance(heads, np.ndarray):
+            if heads.ndim != 2:
+                raise SteeringError(
+                    f"heads array has shape {heads.shape}: expected (n_layer, n_head)"
+                )
+            cfg["heads"] = heads.astype(bool)
+        else:
+            try:
+                pairs = [(int(lh[0]), int(lh[1])) for lh in heads]
+                if any(len(lh) != 2 for lh in heads):
+                    raise ValueError
+            except (TypeError, ValueError, IndexError):
+                raise SteeringError(
+                    f"heads={heads!r}: expected 'all' or a list of (layer, head) pairs"
+                ) from None
+            cfg["heads"] = tuple(pairs)
+        w = cfg["weights"]
+        if w is not None:
+            w = np.asarray(w, dtype=np.float64).reshape(-1)
+            if not np.all(np.isfinite(w)):
+                raise SteeringError("weights contain NaN or infinity: pass finite values")
+            cfg["weights"] = w
+        if mode == "shift" and w is None:
+            raise SteeringError(
+                "mode='shift' needs weights=: the saliency s over the ROI's cells "
+                "(normalised to (s - mean)/std and scaled by strength)"
+            )
+        if mode == "redirect" and not cfg["domain"]:
+            raise SteeringError(
+                "mode='redirect' needs domain=: the cells to suppress while the ROI is "
+                "boosted (e.g. domain=Text('<all the facts>'))"
+            )
+        self._cfg = cfg
+
+    # -- binding and publishing (called by Llama) -------------------------------------------
+    def _attach(self, llm: Llama, hook: _native.Hook) -> None:
+        with self._lock:
+            if self._llm is not None:
+                raise SteeringError(
+                    "this Steering is already attached to a model: make one per Llama"
+                )
+            self._llm, self._hook = llm, hook
+            self._heads_mask()  # validate heads against the model now
+
+    def _require_llm(self) -> Llama:
+        if self._llm is None:
+            raise SteeringError("this Steering is not attached: pass it as Llama(steering=...)")
+        return self._llm
+
+    def _heads_mask(self) -> np.ndarray:
+        L, H = self._hook.n_layer, self._hook.n_head
+        heads = self._cfg["heads"]
+        if isinstance(heads, str):
+            return np.ones((L, H), dtype=bool)
+        if isinstance(heads, np.ndarray):
+            if heads.shape != (L, H):
+                raise SteeringError(
+                    f"heads array has shape {heads.shape} but the model has {L} layers x {H} heads"
+                )
+            return heads
+        m = np.zeros((L, H), dtype=bool)
+        for layer, head in heads:
+            if not (0 <= layer < L and 0 <= head < H):
+                raise SteeringError(
+                    f"head (layer {layer}, head {head}) is outside the model "
+                    f"({L} layers x {H} query heads, 0-based)"
+                )
+            m[layer, head] = True
+        return m
+
+    def _bias(self, tokens: Sequence[int], pieces: Sequence[bytes]) -> tuple[np.ndarray, float]:
+        """(bias per cell float32 logit units, tail) for the current config and sequence."""
+        c = self._cfg
+        s = c["strength"]
+        cells = resolve_cells(c["roi"], tokens, pieces)
+        mode, w = c["mode"], c["weights"]
+        if c["roi"] and cells.size == 0:
+            raise SteeringError("the ROI covers no token of the prompt")
+        if w is not None and w.size != cells.size:
+            raise SteeringError(
+                f"weights has {w.size} values but the ROI covers {cells.size} cells: "
+                "give one weight per ROI cell"
+            )
+        n = int(cells.max()) + 1 if cells.size else 0
+        tail = 0.0
+        if mode == "redirect":
+            dom = resolve_cells(c["domain"], tokens, pieces)
+            n = max(n, int(dom.max()) + 1 if dom.size else 0)
+        bias = np.zeros(n, dtype=np.float64)
+        if s == 0.0 or cells.size == 0:
+            return bias.astype(np.float32), 0.0
+        if mode == "bias":
+            bias[cells] = s * (w if w is not None else 1.0)
+        elif mode == "shift":
+            sd = w.std()
+            if not sd > 0:
+                raise SteeringError(
+                    "the saliency (weights) is constant over the ROI: (s - mean)/std is "
+                    "undefined; pass a saliency that varies"
+                )
+            bias[cells] = s * (w - w.mean()) / sd
+        elif mode == "redirect":
+            bias[dom] = -s
+            bias[cells] = s
+        elif mode == "emphasize":
+            bias[:] = -s
+            bias[cells] = 0.0
+            tail = -s
+        bias = np.clip(bias, -MAX_STRENGTH * 10, MAX_STRENGTH * 10)
+        return bias.astype(np.float32), tail
+
+    def _publish(self, tokens: Sequence[int] | None = None, pieces=None) -> None:
+        """Resolve against the model's evaluated tokens (or the given prompt) and publish."""
+        llm = self._require_llm()
+        with self._lock:
+            if tokens is None:
+                tokens, pieces = llm._steer_sequence()
+            bias, tail = self._bias(tokens, pieces)
+            heads = self._heads_mask()
+            phases = _native.PHASE_DECODE
+            if not self._cfg["decode_only"]:
+                phases |= _native.PHASE_PREFILL
+            edits = bool(heads.any()) and (bool(np.any(bias != 0)) or tail != 0.0)
+            self._hook.set_config(heads, bias, tail=tail, phases=phases)
+            self._published = (heads, bias, tail, phases)
+            self._edits = edits
+            self._phases = phases
+            if edits:
+                hsh = hashlib.sha1()
+                for a in (heads.astype(np.uint8), bias, np.float32(tail), np.int32(phases)):
+                    hsh.update(np.ascontiguousarray(a).tobytes())
+                self._key = hsh.hexdigest()
+            else:
+                self._key = None
+
+    def _key_for(self, phase: int) -> str | None:
+        """What a cell evaluated now in ``phase`` is computed under (None = unedited)."""
+        return self._key if (self._edits and self._phases & phase) else None
