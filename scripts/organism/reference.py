@@ -1,0 +1,115 @@
+"""Reference last-prompt-token logits of the PyTorch model, for the llama.cpp parity test.
+
+    python scripts/organism/reference.py --hf /tmp/organism/hf --out tests/data
+    OMP_WAIT_POLICY=passive python scripts/organism/reference.py --check-gguf   # compare only
+
+Fixed input: comics.make_strip(0, "2x3") drawn by the Pillow renderer (also stored as
+organism_ref_strip.png, so the test does not depend on Pillow's rasteriser), one user turn
+[image, "What is in panel 3?"] in the Qwen2-VL chat layout with the default system prompt,
+generation prompt appended. Writes organism_ref_logits.npy (float32, [vocab]) and
+organism_ref.json (recipe, prompt token ids, argmax, top-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from common import REPO, Encoder, comics, patchify
+
+QUESTION = "What is in panel 3?"
+SEED, LAYOUT = 0, "2x3"
+
+
+def torch_logits(hf: str, png: Path):
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    img = Image.open(png).convert("RGB")
+    pix, grid = patchify(img)
+    enc = Encoder(tok)
+    ids = enc.prompt(grid[1] * grid[2] // 4, QUESTION)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pixel_values=torch.from_numpy(pix),
+            image_grid_thw=torch.tensor([grid]),
+        )
+    return out.logits[0, -1].float().numpy(), ids, tok
+
+
+def gguf_logits(model: Path, mmproj: Path, png: Path):
+    from evaluate import data_uri, load
+    from PIL import Image
+
+    llm, _ = load(model, mmproj, 1)
+    img = Image.open(png).convert("RGB")
+    msg = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_uri(img)}},
+                {"type": "text", "text": QUESTION},
+            ],
+        }
+    ]
+    import llama_cpp
+
+    llm.create_chat_completion(messages=msg, temperature=0.0, max_tokens=1)
+    # the handler decoded the prompt; with max_tokens=1 the sampled token is never decoded, so
+    # the context's last output row is the last prompt token's logits
+    n_vocab = llm.n_vocab()
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float32), llm.n_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hf", default="/tmp/organism/hf")
+    ap.add_argument("--out", default=str(REPO / "tests" / "data"))
+    ap.add_argument("--check-gguf", action="store_true")
+    models = REPO / "plugin" / "llama_steer" / "models"
+    ap.add_argument("--model", default=str(models / "organism-f16.gguf"))
+    ap.add_argument("--mmproj", default=str(models / "mmproj-organism-f16.gguf"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "organism_ref_strip.png"
+    if not args.check_gguf:
+        strip = comics.make_strip(SEED, LAYOUT)
+        comics.render(strip, "pillow").save(png)
+        logits, ids, tok = torch_logits(args.hf, png)
+        np.save(out / "organism_ref_logits.npy", logits.astype(np.float32))
+        top = np.argsort(-logits)[:5]
+        meta = dict(
+            image=f"comics.render(comics.make_strip({SEED}, {LAYOUT!r}), 'pillow') == {png.name}",
+            question=QUESTION,
+            messages="[{role: user, content: [image_url(png data URI), text(question)]}]",
+            prompt_token_ids=ids,
+            n_prompt_tokens=len(ids),
+            answer=strip.panels[2].thing.name,
+            argmax=int(top[0]),
+            argmax_piece=tok.convert_ids_to_tokens(int(top[0])),
+            top5=[[int(t), tok.convert_ids_to_tokens(int(t)), float(logits[t])] for t in top],
+        )
+        (out / "organism_ref.json").write_text(json.dumps(meta, indent=1))
+        print(json.dumps({k: v for k, v in meta.items() if k != "prompt_token_ids"}, indent=1))
+    ref = np.load(out / "organism_ref_logits.npy")
+    if Path(args.model).exists():
+        got, n_prompt = gguf_logits(Path(args.model), Path(args.mmproj), png)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        print(
+            f"gguf vs torch: n_prompt {n_prompt}, max|diff| {np.abs(got - ref).max():.4g}, "
+            f"relative to max|ref| {err:.3g}, argmax {int(got.argmax())} vs {int(ref.argmax())}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Train the organism on CPU: answer loss + training-only per-merged-token heads on the merger.
+
+    python scripts/organism/train.py --out /tmp/organism --steps 3000          # fresh or resume
+    python scripts/organism/train.py --out /tmp/organism --export-only         # write HF dir
+
+State lives in OUT/ckpt.pt (model, optimiser, step, elapsed seconds; written every
+--ckpt-every steps, atomically); the HF directory for conversion is OUT/hf. Data are drawn
+on the fly from llama_steer.comics with seeds step*batch+i (Pillow renderer); held-out checks
+use the NumPy renderer and seeds >= 10**9 (teacher-forced exact match == greedy exact match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import Encoder, build_config, build_tokenizer, comics, patchify, save_hf_dir
+
+CPU_FREE = "/tmp/llama-steer-cpu-free"
+EVAL_SEED = 10**9
+
+
+class AuxHeads(torch.nn.Module):
+    """Per merged token: colour (8), shape (7), slot (11) classes. Never exported."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, 1 + len(comics.COLOURS))
+        self.shape = torch.nn.Linear(hidden, 1 + len(comics.SHAPES))
+        self.slot = torch.nn.Linear(hidden, 11)
+
+
+def make_sample(seed: int, enc: Encoder, renderer: str, turns: int | None, task: str | None):
+    rng = np.random.default_rng([seed, 5])
+    if task is not None:
+        ex = comics.make_example(seed, task, renderer)
+        desc, img, qa = ex.desc, ex.image, [(ex.question, ex.answer)]
+    else:
+        u = rng.random()
+        if u < 0.6:
+            desc = comics.make_strip(seed, "1x6" if u < 0.3 else "2x3")
+        else:
+            desc = comics.make_scene(seed)
+        img = comics.render(desc, renderer)
+        n = turns or int(rng.integers(1, 4))
+        qa = [(q, a) for _, q, a in comics.questions_for(desc, rng, n)]
+    pix, grid = patchify(img)
+    n_tok = grid[1] * grid[2] // 4
+    ids, labels = enc.conversation(n_tok, qa)
+    lab = comics.token_labels(desc)
+    return dict(ids=ids, labels=labels, pix=pix, grid=grid, aux=lab)
+
+
+def collate(samples, pad_id: int):
+    n = max(len(s["ids"]) for s in samples)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), n), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, : len(s["ids"])] = torch.tensor(s["ids"])
+        labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
+        mask[i, : len(s["ids"])] = 1
+    pix = torch.from_numpy(np.concatenate([s["pix"] for s in samples]))
+    grid = torch.tensor([s["grid"] for s in samples], dtype=torch.long)
+    aux = {
+        k: torch.from_numpy(np.concatenate([s["aux"][k] for s in samples]))
+        for k in ("colour", "shape", "slot")
+    }
+    return ids, labels, mask, pix, grid, aux
+
+
+def forward(model, heads, batch, captured):
+    ids, labels, mask, pix, grid, aux = batch
+    out = model(
+        input_ids=ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grid, use_cache=False
+    )
+    logits = out.logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    ans_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    v = captured["v"]
+    aux_loss = (
+        F.cross_entropy(heads.colour(v), aux["colour"])
+        + F.cross_entropy(heads.shape(v), aux["shape"])
+        + 0.5 * F.cross_entropy(heads.slot(v), aux["slot"])
+    )
+    return ans_loss, aux_loss, logits, tgt
+
+
+@torch.no_grad()
+def held_out(model, heads, enc, captured, per_task: int = 24) -> dict[str, float]:
+    model.eval()
+    res = {}
+    for task in comics.TASKS:
+        samples = [make_sample(EVAL_SEED + i, enc, "numpy", 1, task) for i in range(per_task)]
+        batch = collate(samples, enc.pad)
+        _, _, logits, tgt = forward(model, heads, batch, captured)
+        ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(-1)
+        res[task] = ok.float().mean().item()
+    model.train()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/organism")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--aux-weight", type=float, default=1.0)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--threads", default="auto", help=f"int, or auto: 1 until {CPU_FREE} exists")
+    ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--bench", type=int, default=0, help="time this many steps and stop")
+    args = ap.parse_args()
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    threads = 1 if args.threads == "auto" else int(args.threads)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    cfg = build_config(tok)
+    model = Qwen2VLForConditionalGeneration(cfg)
+    heads = AuxHeads(cfg.text_config.hidden_size)
+    params = list(model.parameters()) + list(heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    step, elapsed, log = 0, 0.0, []
+    ck = out / "ckpt.pt"
+    if ck.exists():
+        state = torch.load(ck, weights_only=False)
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed, log = state["step"], state["elapsed"], state.get("log", [])
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    if args.export_only:
+        model.eval()
+        save_hf_dir(model, tok, out / "hf")
+        print("exported", out / "hf")
+        return
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M; vocab {len(tok)}", flush=True)
+    enc = Encoder(tok)
+    captured = {}
+
+    def hook(_m, _i, o):
+        captured["v"] = o if torch.is_tensor(o) else o[0]
+
+    model.model.visual.register_forward_hook(hook)
+
+    def lr_at(s):
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        frac = min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def save():
+        tmp = out / "ckpt.tmp"
+        torch.save(
+            dict(
+                model=model.state_dict(),
+                heads=heads.state_dict(),
+                opt=opt.state_dict(),
+                step=step,
+                elapsed=elapsed,
+                log=log,
+            ),
+            tmp,
+        )
+        os.replace(tmp, ck)
+
+    model.train()
+    t_last = time.time()
+    acc_a = acc_x = 0.0
+    n_acc = 0
+    while step < args.steps:
+        if args.threads == "auto" and threads == 1 and os.path.exists(CPU_FREE):
+            threads = 2
+            torch.set_num_threads(2)
+            print(f"step {step}: 2 threads", flush=True)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        samples = [
+            make_sample(step * args.batch + i, enc, "pillow", None, None) for i in range(args.batch)
+        ]
+        batch = collate(samples, enc.pad)
+        a_loss, x_loss, _, _ = forward(model, heads, batch, captured)
+        loss = a_loss + args.aux_weight * x_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        acc_a += a_loss.item()
+        acc_x += x_loss.item()
+        n_acc += 1
+        if args.bench and step >= args.bench:
+            print(f"{elapsed / step:.3f} s/step", flush=True)
+            return
+        if step % 25 == 0:
+            print(
+                f"step {step} lr {lr_at(step):.2e} ans {acc_a / n_acc:.4f} aux {acc_x / n_acc:.4f} "
+                f"{elapsed / 60:.1f} min",
+                flush=True,
+            )
+            acc_a = acc_x = 0.0
+            n_acc = 0
+        if step % args.eval_every == 0 or step == args.steps:
+            res = held_out(model, heads, enc, captured)
+            log.append(dict(step=step, minutes=round(elapsed / 60, 2), **res))
+            print("held-out", json.dumps(log[-1]), flush=True)
+            t_last = time.time()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save()
+            t_last = time.time()
+    model.eval()
+    save_hf_dir(model, tok, out / "hf")
+    print("done; exported", out / "hf", flush=True)
+
+
+if __name__ == "__main__":
+    main()
