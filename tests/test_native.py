@@ -1,0 +1,317 @@
+"""The native edit and observer against NumPy references, on random tensors (no model).
+
+The hook's own routines run on caller buffers laid out like ggml's kq-<il>
+(n_stream, n_head, n_tokens, n_kv); the modes' definitions are checked in probability space.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llama_steer import Steering, SteeringError, Tokens, _native
+from llama_steer.steering import resolve_cells
+
+PF, DEC = _native.PHASE_PREFILL, _native.PHASE_DECODE
+
+
+def make_hook(n_layer=3, n_head=4, scales=(0.25, 1.0, 0.125)):
+    h = _native.Hook()
+    h.bind(n_layer, n_head)
+    for layer, s in enumerate(scales[:n_layer]):
+        h.set_scale(layer, s)
+    return h
+
+
+def ref_edit(kq, heads_layer, bias, tail, scale, phase, phases):
+    """NumPy: kq[s, h, i, j] += bias_j / scale for steered heads, bias_j = tail past bias."""
+    out = kq.copy()
+    if not phases & phase:
+        return out
+    n_kv = kq.shape[-1]
+    full = np.full(n_kv, tail, dtype=np.float32)
+    m = min(n_kv, bias.size)
+    full[:m] = bias[:m]
+    inv = np.float32(1.0) / np.float32(scale)
+    for h in np.nonzero(heads_layer[: kq.shape[1]])[0]:
+        out[:, h] += full * inv
+    return out
+
+
+def softmax(x, axis=-1):
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "shape,pad",
+    [
+        ((1, 4, 1, 7), 0),  # decode row, odd n_kv
+        ((1, 4, 5, 33), 0),  # prefill rows
+        ((1, 4, 3, 29), 3),  # padded rows (nb1 > n_kv * 4)
+        ((2, 3, 2, 16), 5),  # two streams, fewer heads than the model
+    ],
+)
+@pytest.mark.parametrize("phase,phases", [(PF, PF | DEC), (DEC, PF | DEC), (PF, DEC), (DEC, DEC)])
+def test_edit_matches_numpy(shape, pad, phase, phases):
+    rng = np.random.default_rng(sum(shape) + pad + phase * 10 + phases)
+    S, H, T, KV = shape
+    layer = 2
+    with make_hook() as hook:
+        heads = rng.random((3, 4)) < 0.5
+        heads[layer, 0] = True
+        bias = rng.normal(size=KV - 2).astype(np.float32) * 3
+        bias[:2] = 0  # exercise the non-zero range
+        tail = -1.5
+        hook.set_config(heads, bias, tail=tail, phases=phases)
+        base = rng.normal(size=(S, H, T, KV + pad)).astype(np.float32)
+        kq = base[..., :KV]
+        want = ref_edit(kq, heads[layer], bias, tail, 0.125, phase, phases)
+        padding = base[..., KV:].copy()
+        hook.edit_buffer(layer, phase, kq)
+        np.testing.assert_allclose(kq, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(base[..., KV:], padding)  # never writes past n_kv
+        st = hook.stats()
+        edited = bool(phases & phase)
+        assert st.n_kq_edited == int(edited)
+        assert st.n_rows_edited == (S * int(heads[layer, :H].sum()) * T if edited else 0)
+
+
+def test_unsteered_layer_and_zero_config_touch_nothing():
+    rng = np.random.default_rng(0)
+    with make_hook() as hook:
+        heads = np.zeros((3, 4), bool)
+        heads[0, 1] = True
+        hook.set_config(heads, np.ones(9, np.float32))
+        kq = rng.normal(size=(1, 4, 2, 9)).astype(np.float32)
+        before = kq.copy()
+        hook.edit_buffer(1, PF, kq)  # layer 1 has no steered head
+        np.testing.assert_array_equal(kq, before)
+        hook.set_config(heads, np.zeros(9, np.float32))  # strength 0: no edit at all
+        hook.edit_buffer(0, PF, kq)
+        np.testing.assert_array_equal(kq, before)
+        assert hook.stats().n_kq_edited == 0
+
+
+def test_unknown_scale_is_an_error_not_a_silent_skip():
+    with _native.Hook() as hook:
+        hook.bind(2, 2)
+        hook.set_config(np.ones((2, 2), bool), np.ones(4, np.float32))
+        kq = np.zeros((1, 2, 1, 4), np.float32)
+        with pytest.raises(_native.NativeError, match="scale"):
+            hook.edit_buffer(0, PF, kq)
+        assert hook.stats().flags & _native.lib.STEER_F_NO_SCALE
+
+
+def _probs_after(kq, scale, mask, hook=None, layer=None):
+    """Attention (float64) after softmax(kq*scale + mask), optionally after the hook's edit."""
+    kq = kq.copy()
+    if hook is not None:
+        hook.edit_buffer(layer, PF, kq)
+    return softmax(kq.astype(np.float64) * scale + mask)
+
+
+@pytest.mark.parametrize("mode", ["bias", "shift", "redirect", "emphasize"])
+def test_modes_match_their_definitions(mode):
+    """End to end: Steering's bias vector, the C edit, then softmax with llama.cpp's -inf
+    mask, against each mode's definition written directly in probability space."""
+    rng = np.random.default_rng(7)
+    n, T, H = 24, 4, 4
+    tokens = list(range(n))
+    pieces = [f"t{i} ".encode() for i in range(n)]
+    target, domain = Tokens(5, 9), Tokens(3, 15)
+    s = 2.5
+    weights = rng.normal(size=4) if mode in ("bias", "shift") else None
+    steer = Steering(heads="all", roi=target, mode=mode, strength=s, weights=weights, domain=domain)
+    bias, tail = steer._bias(tokens, pieces)
+    scale = 0.25
+    layer = 0
+    kq = rng.normal(size=(1, H, T, n + 3)).astype(np.float32)  # 3 cells not yet filled
+    mask = np.zeros((T, n + 3))
+    for i in range(T):  # causal: query i sees cells <= n - T + i
+        mask[i, n - T + i + 1 :] = -np.inf
+    with make_hook(n_layer=1, n_head=H, scales=(scale,)) as hook:
+        hook.set_config(np.ones((1, H), bool), bias, tail=tail)
+        got = _probs_after(kq, scale, mask, hook, layer)
+    A = _probs_after(kq, scale, mask)
+    T_cells = resolve_cells((target,), tokens, pieces)
+    D_cells = resolve_cells((domain,), tokens, pieces)
+    with np.errstate(divide="ignore"):  # masked cells: log 0 = -inf, as in the definition
+        logA = np.log(A)
+    b = np.zeros(n + 3)
+    if mode == "bias":
+        b[T_cells] = s * weights
+    elif mode == "shift":
+        b[T_cells] = s * (weights - weights.mean()) / weights.std()
+    elif mode == "redirect":
+        b[D_cells] = -s
+        b[T_cells] = s
+    elif mode == "emphasize":
+        b[:] = -s
+        b[T_cells] = 0
+    want = softmax(logA + b)  # softmax(log A + lambda b): the seeds' residual latent shift
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+    assert np.all(np.isfinite(got))
+    if mode == "emphasize":  # PASTA: outside mass scaled by exp(-s) before renormalising
+        outside = np.ones(n + 3, bool)
+        outside[T_cells] = False
+        scaled = A * np.where(outside, np.exp(-s), 1.0)
+        np.testing.assert_allclose(got, scaled / scaled.sum(-1, keepdims=True), rtol=2e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_kv=st.integers(1, 70),
+    n_tok=st.integers(1, 5),
+    n_head=st.integers(1, 6),
+    n_stream=st.integers(1, 2),
+    n_cells=st.integers(0, 80),
+    scale=st.floats(0.01, 10.0),
+    tail=st.floats(-1e4, 1e4),
+    phase=st.sampled_from([PF, DEC]),
+    phases=st.sampled_from([PF, DEC, PF | DEC]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_edit_never_nan(
+    n_kv, n_tok, n_head, n_stream, n_cells, scale, tail, phase, phases, seed
+):
+    rng = np.random.default_rng(seed)
+    with _native.Hook() as hook:
+        hook.bind(1, n_head)
+        hook.set_scale(0, scale)
+        heads = rng.random((1, n_head)) < 0.6
+        bias = (rng.uniform(-1, 1, n_cells) * 10 ** rng.uniform(-3, 4, n_cells)).astype(np.float32)
+        hook.set_config(heads, bias, tail=tail, phases=phases)
+        kq = rng.normal(size=(n_stream, n_head, n_tok, n_kv)).astype(np.float32) * 5
+        want = ref_edit(kq, heads[0], bias, np.float32(tail), scale, phase, phases)
+        hook.edit_buffer(0, phase, kq)
+        assert np.all(np.isfinite(kq))
+        np.testing.assert_allclose(kq, want, rtol=1e-5, atol=1e-3)
+        # whatever the edit, a row with one visible key stays a distribution (no NaN)
+        mask = np.where(rng.random(n_kv) < 0.5, -np.inf, 0.0)
+        mask[rng.integers(n_kv)] = 0.0
+        p = softmax(kq.astype(np.float64) * scale + mask)
+        assert np.all(np.isfinite(p))
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-9)
+
+
+def test_config_rejects_non_finite_and_bad_regions():
+    with make_hook() as hook:
+        with pytest.raises(_native.NativeError, match="invalid argument"):
+            hook.set_config(None, np.array([0.0, np.nan], np.float32))
+        with pytest.raises(_native.NativeError, match="invalid argument"):
+            hook.set_config(None, np.zeros(2, np.float32), tail=float("inf"))
+        with pytest.raises(_native.NativeError, match="invalid argument"):
+            hook.set_config(
+                None,
+                np.zeros(0, np.float32),
+                region=np.array([0, 3], np.int16),
+                n_regions=2,
+                obs_layers=np.ones(3, bool),
+            )
+
+
+@pytest.mark.parametrize("rows", [_native.ROWS_LAST, _native.ROWS_ALL])
+def test_observer_matches_numpy(rows):
+    rng = np.random.default_rng(3)
+    L, H, R = 3, 4, 3
+    with make_hook(L, H) as hook:
+        n_cells = 20
+        region = rng.integers(-1, R, n_cells).astype(np.int16)
+        obs_layers = np.array([True, False, True])
+        hook.set_config(
+            None,
+            np.zeros(0, np.float32),
+            region=region,
+            n_regions=R,
+            obs_layers=obs_layers,
+            obs_rows=rows,
+        )
+        want = np.zeros((L, H, R))
+        want_rows = np.zeros(L, np.uint64)
+        for _ in range(2):
+            for layer in range(L):
+                T = int(rng.integers(1, 4))
+                p = softmax(rng.normal(size=(1, H, T, n_cells + 4))).astype(np.float32)
+                hook.observe_buffer(layer, p)
+                if not obs_layers[layer]:
+                    continue
+                use = p[0, :, -1:, :n_cells] if rows == _native.ROWS_LAST else p[0, :, :, :n_cells]
+                sums = np.stack(
+                    [use[..., region == r].sum(axis=(-1, -2)) for r in range(R)], axis=-1
+                )
+                if rows == _native.ROWS_LAST:
+                    want[layer] = sums
+                    want_rows[layer] = 1
+                else:
+                    want[layer] += sums
+                    want_rows[layer] += T
+        got, got_rows = hook.read_obs(reset=True)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got_rows, want_rows)
+        again, _ = hook.read_obs()
+        assert not again.any()  # reset
+
+
+def test_layout_mismatch_is_refused_and_hook_stays_inert():
+    """A probe whose shape differs from what the check expects stands for a ggml whose
+    struct moved: bind must refuse, and the unbound callback must touch nothing."""
+    g = _native._ggml()
+    L = g["lib"]
+    ctx = L.ggml_init(_native._GgmlInitParams(1 << 16, None, False))
+    try:
+        t = L.ggml_new_tensor_4d(ctx, 0, 5, 7, 3, 1)  # wrong ne[3]
+        L.ggml_set_name(t, b"llama-steer-probe")
+        with _native.Hook() as hook:
+            rc = _native.lib.steer_hook_bind(
+                hook._h,
+                2,
+                2,
+                _native.ffi.cast("void *", t),
+                *(
+                    _native.ffi.cast("void *", g[k])
+                    for k in ("get_name", "get_data", "nbytes", "buffer_is_host")
+                ),
+            )
+            assert rc == _native.lib.STEER_E_LAYOUT
+            # the callback of an unbound hook asks for nothing and writes nothing
+            assert not _native.lib.steer_cb_eval(_native.ffi.cast("void *", t), True, hook._h)
+            with pytest.raises(_native.NativeError, match="not bound"):
+                hook.edit_buffer(0, PF, np.zeros((1, 1, 1, 4), np.float32))
+    finally:
+        L.ggml_free(ctx)
+
+
+def test_hook_close_twice_and_context_manager():
+    hook = _native.Hook()
+    hook.bind(1, 1)
+    hook.close()
+    hook.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        hook.stats()
+
+
+def test_steering_input_errors_name_the_fix():
+    with pytest.raises(SteeringError, match="not one of"):
+        Steering(mode="boost")
+    with pytest.raises(SteeringError, match="finite"):
+        Steering(strength=float("inf"))
+    with pytest.raises(SteeringError, match="exceeds"):
+        Steering(strength=1e9)
+    with pytest.raises(SteeringError, match="needs domain"):
+        Steering(mode="redirect", roi=Tokens(0, 2))
+    with pytest.raises(SteeringError, match="needs weights"):
+        Steering(mode="shift", roi=Tokens(0, 2))
+    with pytest.raises(SteeringError, match="wrap it as Text"):
+        Steering(roi="Berlin")
+    with pytest.raises(SteeringError, match="empty or negative"):
+        Tokens(4, 4)
+    with pytest.raises(SteeringError, match="NaN"):
+        Steering(roi=Tokens(0, 2), weights=[1.0, float("nan")])
+    steer = Steering(roi=Tokens(0, 3), weights=[1.0, 2.0])
+    with pytest.raises(SteeringError, match="one weight per ROI cell"):
+        steer._bias([1, 2, 3], [b"a", b"b", b"c"])
+    steer = Steering(mode="shift", roi=Tokens(0, 2), weights=[1.0, 1.0])
+    with pytest.raises(SteeringError, match="constant"):
+        steer._bias([1, 2], [b"a", b"b"])
