@@ -30,6 +30,7 @@ extern "C" {
 #define STEER_E_LAYOUT -3
 #define STEER_E_UNBOUND -4
 #define STEER_E_SCALE -5
+#define STEER_E_CUDA -6
 
 /* conditions the callback met while running (bitmask in steer_stats.flags) */
 #define STEER_F_DEVICE_TENSOR 1
@@ -38,6 +39,7 @@ extern "C" {
 #define STEER_F_NO_SCALE 8
 #define STEER_F_SOFTCAP 16
 #define STEER_F_BAD_NAME 32
+#define STEER_F_CUDA 64
 
 /* phases (bitmask in a config; one value in steer_hook_begin_eval) */
 #define STEER_PHASE_PREFILL 1
@@ -97,6 +99,21 @@ int steer_hook_set_scale(steer_hook *h, int32_t layer, float scale);
  * query rows accumulated per layer */
 int steer_hook_read_obs(steer_hook *h, float *out, int32_t n, uint64_t *rows_out,
                         int32_t reset);
+
+/* CUDA path (optional): attention tensors in device memory are edited by the kernels of
+ * steer_kernel.cu, compiled by the caller (NVRTC) and loaded into `cu_context`; libcuda is
+ * opened here, at this call, never at import. fn_edit/fn_observe are CUfunction handles. */
+int steer_hook_set_cuda(steer_hook *h, void *cu_context, void *fn_edit, void *fn_observe);
+/* the CUDA path on a caller's device buffer (GPU tests): data is a CUdeviceptr, layout as
+ * steer_hook_edit_buffer; returns STEER_E_CUDA when the CUDA path is not set or fails */
+int steer_hook_edit_device(steer_hook *h, int32_t layer, int32_t phase, void *data,
+                           int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                           int64_t nb1, int64_t nb2, int64_t nb3);
+int steer_hook_observe_device(steer_hook *h, int32_t layer, void *data,
+                              int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                              int64_t nb1, int64_t nb2, int64_t nb3);
+/* the kernel source (steer_math.h + steer_kernel.cu) this library was built with */
+const char *steer_cuda_source(void);
 
 /* The llama.cpp eval callback (ggml_backend_sched_eval_callback); user_data = the hook. */
 bool steer_cb_eval(void *t, bool ask, void *user_data);

@@ -21,46 +21,8 @@
 #include <time.h>
 
 #include "ggml_mirror.h"
+#include "steer_internal.h"
 #include "steer_math.h"
-
-/* one published config; immutable while any reader has it pinned */
-typedef struct steer_cfg {
-    uint8_t *heads;     /* [n_layer * n_head] */
-    uint8_t *layer_any; /* [n_layer] some head of the layer is steered */
-    float *bias;        /* [n_cells] */
-    int32_t n_cells;
-    float tail;
-    int32_t lo, hi; /* non-zero range of bias */
-    int32_t phases;
-    int edits; /* any edit can change a value */
-    int16_t *region;
-    int32_t n_region_cells;
-    int32_t n_regions;
-    uint8_t *obs_layers; /* [n_layer] */
-    int32_t obs_rows;
-    int observes;
-} steer_cfg;
-
-struct steer_hook {
-    int32_t n_layer, n_head;
-    int bound;
-    sg_get_name_fn get_name;
-    sg_buffer_is_host_fn buffer_is_host;
-
-    steer_cfg slot[2];
-    atomic_int active;
-    atomic_int readers[2];
-    atomic_flag writing;
-
-    /* eval-thread state */
-    int pinned; /* slot pinned by begin_eval, or -1 */
-    int32_t phase;
-    float *scale; /* [n_layer] softmax scale per layer (0 = unknown) */
-    float *obs;   /* [n_layer * n_head * n_regions] */
-    uint64_t *obs_rows_count;
-    int32_t obs_n_regions;
-    steer_stats stats;
-};
 
 static void cfg_clear(steer_cfg *c) {
     free(c->heads);
@@ -91,6 +53,7 @@ void steer_hook_free(steer_hook *h) {
     free(h->scale);
     free(h->obs);
     free(h->obs_rows_count);
+    steer_cuda_free(h->cuda);
     free(h);
 }
 
@@ -215,6 +178,7 @@ int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias
         }
     c.obs_rows = obs_rows;
     c.observes = any_obs && c.n_regions > 0;
+    c.version = ++h->next_version;
 
     /* observer buffers are resized by the writer: only between evals (documented) */
     if (c.observes && c.n_regions != h->obs_n_regions) {
@@ -383,20 +347,22 @@ static int classify(const char *name, int32_t *il) {
     return kind;
 }
 
-static int usable(steer_hook *h, const struct sg_tensor *t) {
+/* 1 = host F32 rows, 2 = device F32 rows (CUDA path), 0 = refuse (flag set) */
+static int where(steer_hook *h, const struct sg_tensor *t) {
     if (t->type != SG_TYPE_F32) {
         h->stats.flags |= STEER_F_NOT_F32;
         return 0;
     }
-    if (t->buffer == NULL || !h->buffer_is_host(t->buffer)) {
-        h->stats.flags |= STEER_F_DEVICE_TENSOR;
-        return 0;
-    }
-    if (t->nb[0] != sizeof(float) || t->data == NULL) {
+    if (t->nb[0] != sizeof(float) || t->data == NULL || t->buffer == NULL) {
         h->stats.flags |= STEER_F_SHAPE;
         return 0;
     }
-    return 1;
+    if (h->buffer_is_host(t->buffer)) return 1;
+    if (h->cuda == NULL) {
+        h->stats.flags |= STEER_F_DEVICE_TENSOR;
+        return 0;
+    }
+    return 2;
 }
 
 bool steer_cb_eval(void *tensor, bool ask, void *user_data) {
@@ -432,16 +398,25 @@ bool steer_cb_eval(void *tensor, bool ask, void *user_data) {
     else
         want = c->observes && c->obs_layers[il];
 
-    if (!ask && want && usable(h, t)) {
+    int at = (!ask && want) ? where(h, t) : 0;
+    if (at) {
         int64_t ne[4], nb[4];
         for (int d = 0; d < 4; d++) {
             ne[d] = t->ne[d];
             nb[d] = (int64_t)t->nb[d];
         }
-        if (kind == NODE_KQ)
+        if (at == 1 && kind == NODE_KQ) {
             edit(h, c, il, phase, (float *)t->data, ne, nb);
-        else
+        } else if (at == 1) {
             observe(h, c, il, (const float *)t->data, ne, nb);
+        } else if (kind == NODE_KQ) {
+            float sc = h->scale[il];
+            int fl = sc > 0.0f ? steer_cuda_edit(h, c, il, t->data, ne, nb, 1.0f / sc)
+                               : STEER_F_NO_SCALE;
+            h->stats.flags |= (uint32_t)fl;
+        } else {
+            h->stats.flags |= (uint32_t)steer_cuda_observe(h, c, il, t->data, ne, nb);
+        }
     }
     if (h->pinned < 0) unpin(h, s);
     return ask ? want : true;
@@ -485,4 +460,40 @@ int steer_hook_observe_buffer(steer_hook *h, int32_t layer, const float *data,
     observe(h, &h->slot[s], layer, data, ne, nb);
     unpin(h, s);
     return STEER_OK;
+}
+
+int steer_hook_edit_device(steer_hook *h, int32_t layer, int32_t phase, void *data,
+                           int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                           int64_t nb1, int64_t nb2, int64_t nb3) {
+    int64_t ne[4], nb[4];
+    int rc = check_buffer(h, layer, data, ne0, ne1, ne2, ne3, nb1, nb2, nb3, ne, nb);
+    if (rc != STEER_OK) return rc;
+    if (phase != STEER_PHASE_PREFILL && phase != STEER_PHASE_DECODE) return STEER_E_ARG;
+    if (!h->cuda) return STEER_E_CUDA;
+    int s = pin(h);
+    const steer_cfg *c = &h->slot[s];
+    if (c->edits && (c->phases & phase) && c->layer_any[layer]) {
+        float sc = h->scale[layer];
+        if (!(sc > 0.0f))
+            rc = STEER_E_SCALE;
+        else if (steer_cuda_edit(h, c, layer, data, ne, nb, 1.0f / sc))
+            rc = STEER_E_CUDA;
+    }
+    unpin(h, s);
+    return rc;
+}
+
+int steer_hook_observe_device(steer_hook *h, int32_t layer, void *data,
+                              int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                              int64_t nb1, int64_t nb2, int64_t nb3) {
+    int64_t ne[4], nb[4];
+    int rc = check_buffer(h, layer, data, ne0, ne1, ne2, ne3, nb1, nb2, nb3, ne, nb);
+    if (rc != STEER_OK) return rc;
+    if (!h->cuda) return STEER_E_CUDA;
+    int s = pin(h);
+    const steer_cfg *c = &h->slot[s];
+    if (c->observes && c->obs_layers[layer] && steer_cuda_observe(h, c, layer, data, ne, nb))
+        rc = STEER_E_CUDA;
+    unpin(h, s);
+    return rc;
 }

@@ -1,52 +1,60 @@
 /*
  * steer_math.h -- the arithmetic of one steering edit and one observation, shared by the
- * host path (steer.c) and the CUDA kernel, so that the two cannot drift.
+ * host path (steer.c) and the CUDA kernels (steer_kernel.cu), so that the two cannot drift.
  *
- *   steer_edit_row:    row[j] += bias_j * inv_scale  for every key cell j of one (query, head)
- *                      row, bias_j = bias[j] for j < n_cells, tail beyond (PASTA's "rest").
- *   steer_observe_row: acc[region[j]] += p[j]        summed attention mass per region.
+ *   steer_delta(j)   what is added to the raw QK^T logit of key cell j:
+ *                    bias[j] * inv_scale inside [lo, hi), 0 elsewhere below n_cells,
+ *                    tail * inv_scale from n_cells on (PASTA's "everything else")
+ *   steer_edit_row   a whole (query, head) row on the host, visiting only cells where
+ *                    steer_delta can be non-zero
+ *   steer_region     region id of key cell j for the observer (-1 = none)
+ *   steer_observe_row  per-region sums of one post-softmax row on the host
  *
- * Biases are finite (checked when a config is published) and bounded, so an edited row
- * stays finite; llama.cpp's -inf mask is applied after this edit, inside softmax, so cells
- * a query cannot see stay invisible whatever we add.
+ * Plain C types only: NVRTC compiles this file without a C library. Biases are finite
+ * (checked when a config is published) and bounded, so an edited row stays finite;
+ * llama.cpp's -inf mask is applied after this edit, inside softmax, so cells a query cannot
+ * see stay invisible whatever is added.
  */
 #ifndef LLAMA_STEER_MATH_H
 #define LLAMA_STEER_MATH_H
 
-#include <stdint.h>
-
-#if defined(__CUDACC__) || defined(__CUDA_ARCH__)
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define STEER_HD __host__ __device__ __forceinline__
 #else
 #define STEER_HD static inline
 #endif
 
-/* bias of key cell j */
-STEER_HD float steer_bias_at(const float *bias, int32_t n_cells, float tail, int64_t j) {
-    return j < (int64_t)n_cells ? bias[j] : tail;
+STEER_HD float steer_delta(long long j, const float *bias, int n_cells, float tail, int lo,
+                           int hi, float inv_scale) {
+    if (j >= (long long)n_cells) return tail * inv_scale;
+    if (j < (long long)lo || j >= (long long)hi) return 0.0f;
+    return bias[j] * inv_scale;
 }
 
-/* Edit one row of raw QK^T (n_kv keys). [lo, hi) bounds the non-zero part of bias. */
-STEER_HD void steer_edit_row(float *row, int64_t n_kv, const float *bias, int32_t n_cells,
-                             float tail, int32_t lo, int32_t hi, float inv_scale) {
-    int64_t end = (int64_t)hi < n_kv ? (int64_t)hi : n_kv;
-    for (int64_t j = lo; j < end; j++) {
-        row[j] += bias[j] * inv_scale;
+STEER_HD short steer_region(long long j, const short *region, int n_region_cells) {
+    return j < (long long)n_region_cells ? region[j] : (short)-1;
+}
+
+/* host: edit one row of raw QK^T (n_kv keys) */
+STEER_HD void steer_edit_row(float *row, long long n_kv, const float *bias, int n_cells,
+                             float tail, int lo, int hi, float inv_scale) {
+    long long end = (long long)hi < n_kv ? (long long)hi : n_kv;
+    for (long long j = lo; j < end; j++) {
+        row[j] += steer_delta(j, bias, n_cells, tail, lo, hi, inv_scale);
     }
     if (tail != 0.0f) {
-        float t = tail * inv_scale;
-        for (int64_t j = n_cells; j < n_kv; j++) {
-            row[j] += t;
+        for (long long j = n_cells; j < n_kv; j++) {
+            row[j] += steer_delta(j, bias, n_cells, tail, lo, hi, inv_scale);
         }
     }
 }
 
-/* Add one row of post-softmax attention to per-region sums acc[n_regions]. */
-STEER_HD void steer_observe_row(const float *p, int64_t n_kv, const int16_t *region,
-                                int32_t n_region_cells, float *acc) {
-    int64_t end = (int64_t)n_region_cells < n_kv ? (int64_t)n_region_cells : n_kv;
-    for (int64_t j = 0; j < end; j++) {
-        int16_t r = region[j];
+/* host: add one row of post-softmax attention to per-region sums acc[n_regions] */
+STEER_HD void steer_observe_row(const float *p, long long n_kv, const short *region,
+                                int n_region_cells, float *acc) {
+    long long end = (long long)n_region_cells < n_kv ? (long long)n_region_cells : n_kv;
+    for (long long j = 0; j < end; j++) {
+        short r = steer_region(j, region, n_region_cells);
         if (r >= 0) {
             acc[r] += p[j];
         }

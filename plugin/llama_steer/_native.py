@@ -42,6 +42,10 @@ FLAGS = {
         "kq would be squashed, so this model is not supported"
     ),
     lib.STEER_F_BAD_NAME: "a kq node names a layer index outside the model",
+    lib.STEER_F_CUDA: (
+        "a CUDA launch or copy of the steering kernel failed; pass offload_kqv=False to keep "
+        "attention on the host"
+    ),
 }
 
 _MESSAGES = {
@@ -54,6 +58,10 @@ _MESSAGES = {
     ),
     lib.STEER_E_UNBOUND: "the hook is not bound to a model yet",
     lib.STEER_E_SCALE: "the softmax scale of the layer is unknown",
+    lib.STEER_E_CUDA: (
+        "the CUDA path could not start (libcuda.so.1 not loadable, or a driver call failed); "
+        "pass offload_kqv=False to keep attention on the host"
+    ),
 }
 
 
@@ -262,6 +270,19 @@ class Hook:
             if r is not None and o is not None and o.any():
                 self._n_regions = int(n_regions)
 
+    def set_cuda(self, context: int, fn_edit: int, fn_observe: int) -> None:
+        """Give the hook CUDA kernels (CUfunction handles loaded into ``context``)."""
+        self._alive()
+        _check(
+            lib.steer_hook_set_cuda(
+                self._h,
+                ffi.cast("void *", context),
+                ffi.cast("void *", fn_edit),
+                ffi.cast("void *", fn_observe),
+            ),
+            "steer_hook_set_cuda",
+        )
+
     # -- evals ------------------------------------------------------------------------------
     def begin_eval(self, phase: int) -> None:
         self._alive()
@@ -329,6 +350,23 @@ class Hook:
             "steer_hook_edit_buffer",
         )
 
+    def edit_device(self, layer: int, phase: int, dptr: int, shape: tuple, strides: tuple) -> None:
+        """The CUDA path on a device buffer (CUdeviceptr), laid out as ``edit_buffer``'s."""
+        self._alive()
+        ne, nb = _dlayout(shape, strides)
+        _check(
+            lib.steer_hook_edit_device(self._h, layer, phase, ffi.cast("void *", dptr), *ne, *nb),
+            "steer_hook_edit_device",
+        )
+
+    def observe_device(self, layer: int, dptr: int, shape: tuple, strides: tuple) -> None:
+        self._alive()
+        ne, nb = _dlayout(shape, strides)
+        _check(
+            lib.steer_hook_observe_device(self._h, layer, ffi.cast("void *", dptr), *ne, *nb),
+            "steer_hook_observe_device",
+        )
+
     def observe_buffer(self, layer: int, probs: np.ndarray) -> None:
         self._alive()
         ne, nb = _layout(probs)
@@ -336,6 +374,11 @@ class Hook:
             lib.steer_hook_observe_buffer(self._h, layer, _fptr(probs), *ne, *nb),
             "steer_hook_observe_buffer",
         )
+
+
+def _dlayout(shape: tuple, strides: tuple):
+    """ne, nb for a device buffer described like a NumPy array (n_stream, n_head, T, n_kv)."""
+    return (shape[3], shape[2], shape[1], shape[0]), (strides[2], strides[1], strides[0])
 
 
 def _fptr(a: np.ndarray, writable: bool = False):

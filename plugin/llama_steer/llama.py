@@ -111,6 +111,16 @@ class Llama(llama_cpp.Llama):
             model = self._model.model
             hook.bind(_lc.llama_model_n_layer(model), _lc.llama_model_n_head(model))
             self._steer_hook = hook
+            self._steer_cuda = None
+            if (
+                _lc.llama_supports_gpu_offload()
+                and given.get("n_gpu_layers", 0) != 0
+                and given.get("offload_kqv", True)
+            ):
+                # attention may live in GPU memory: give the hook its CUDA kernels (NVRTC)
+                from llama_steer import _cuda
+
+                self._steer_cuda = _cuda.attach(hook, device=given.get("main_gpu", 0))
             self._steer_next_phase = _native.PHASE_PREFILL
             self._steer_last_phase = _native.PHASE_PREFILL
             self._steer_cell_key: list = []
@@ -141,6 +151,8 @@ class Llama(llama_cpp.Llama):
         # the context is gone: no callback can run any more, so the hook may go
         if getattr(self, "_steer_hook", None) is not None:
             self._steer_hook.close()
+        if getattr(self, "_steer_cuda", None) is not None:
+            self._steer_cuda.close()
 
     # -- set-up -----------------------------------------------------------------------------
     def _steer_calibrate(self) -> None:
