@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama_steer import Steering, SteeringError, Tokens, _native
-from llama_steer.steering import resolve_cells
+from llama_steer.roi import Seq, resolve
 
 PF, DEC = _native.PHASE_PREFILL, _native.PHASE_DECODE
 
@@ -124,7 +124,7 @@ def test_modes_match_their_definitions(mode):
     s = 2.5
     weights = rng.normal(size=4) if mode in ("bias", "shift") else None
     steer = Steering(heads="all", roi=target, mode=mode, strength=s, weights=weights, domain=domain)
-    bias, tail = steer._bias(tokens, pieces)
+    bias, tail = steer._bias(Seq.text_only(tokens, pieces))
     scale = 0.25
     layer = 0
     kq = rng.normal(size=(1, H, T, n + 3)).astype(np.float32)  # 3 cells not yet filled
@@ -135,8 +135,9 @@ def test_modes_match_their_definitions(mode):
         hook.set_config(np.ones((1, H), bool), bias, tail=tail)
         got = _probs_after(kq, scale, mask, hook, layer)
     A = _probs_after(kq, scale, mask)
-    T_cells = resolve_cells((target,), tokens, pieces)
-    D_cells = resolve_cells((domain,), tokens, pieces)
+    seq = Seq.text_only(tokens, pieces)
+    T_cells = resolve((target,), seq)[0]
+    D_cells = resolve((domain,), seq)[0]
     with np.errstate(divide="ignore"):  # masked cells: log 0 = -inf, as in the definition
         logA = np.log(A)
     b = np.zeros(n + 3)
@@ -303,7 +304,7 @@ def test_steering_input_errors_name_the_fix():
         Steering(mode="redirect", roi=Tokens(0, 2))
     with pytest.raises(SteeringError, match="needs weights"):
         Steering(mode="shift", roi=Tokens(0, 2))
-    with pytest.raises(SteeringError, match="wrap it as Text"):
+    with pytest.raises(SteeringError, match="cannot read roi term .Berlin.*text:"):
         Steering(roi="Berlin")
     with pytest.raises(SteeringError, match="empty or negative"):
         Tokens(4, 4)
@@ -311,7 +312,7 @@ def test_steering_input_errors_name_the_fix():
         Steering(roi=Tokens(0, 2), weights=[1.0, float("nan")])
     steer = Steering(roi=Tokens(0, 3), weights=[1.0, 2.0])
     with pytest.raises(SteeringError, match="one weight per ROI cell"):
-        steer._bias([1, 2, 3], [b"a", b"b", b"c"])
+        steer._bias(Seq.text_only([1, 2, 3], [b"a", b"b", b"c"]))
     steer = Steering(mode="shift", roi=Tokens(0, 2), weights=[1.0, 1.0])
     with pytest.raises(SteeringError, match="constant"):
-        steer._bias([1, 2], [b"a", b"b"])
+        steer._bias(Seq.text_only([1, 2], [b"a", b"b"]))

@@ -1,17 +1,35 @@
 """llama-steer: steer where a model looks, inside llama-cpp-python.
 
-    Llama ......... drop-in ``llama_cpp.Llama`` with ``steering=``
-    Steering ...... which heads, which key cells (ROI), which mode, how strong
-    Text, Tokens .. targets for text prompts
-    SteeringError . bad input, named with its fix
+    Llama ............. drop-in ``llama_cpp.Llama`` with ``steering=``
+    Steering .......... which heads, which key cells (ROI), which mode, how strong
+    Text, Tokens ...... targets in a prompt's text
+    ImageTokens, Box, Panel, Region, Saliency
+                        targets in an image (see ``roi``); ``parse_roi`` reads the CLI grammar
+    SteeringError ..... bad input, named with its fix
 
-Modules: ``steering`` (config and targets), ``llama`` (the subclass), ``_native`` (cffi).
+Modules: ``steering`` (config), ``roi`` (targets, grammar), ``vision`` (image token grids),
+``llama`` (the subclass), ``_native`` (cffi), ``_cuda`` (NVRTC kernels), ``comics`` (data).
 """
 
+from llama_steer._errors import SteeringError
 from llama_steer._version import __version__
-from llama_steer.steering import Steering, SteeringError, Text, Tokens
+from llama_steer.roi import Box, ImageTokens, Panel, Region, Saliency, Text, Tokens, parse_roi
+from llama_steer.steering import Steering
 
-__all__ = ["Llama", "Steering", "SteeringError", "Text", "Tokens", "__version__"]
+__all__ = [
+    "Box",
+    "ImageTokens",
+    "Llama",
+    "Panel",
+    "Region",
+    "Saliency",
+    "Steering",
+    "SteeringError",
+    "Text",
+    "Tokens",
+    "__version__",
+    "parse_roi",
+]
 
 
 def __getattr__(name: str):

@@ -1,11 +1,18 @@
 """``llama_steer.Llama``: ``llama_cpp.Llama`` plus ``steering=``.
 
     Llama.__init__ ..... installs the native callback as cb_eval (context params), binds it
-                         to the model (ABI check), reads each layer's softmax scale
+                         to the model (ABI check), reads each layer's softmax scale; with a
+                         multimodal chat handler, watches how mtmd lays images into the cache
     Llama.generate ..... publishes the config for this prompt, drops cached cells whose KV
                          was computed under another config, runs the parent's generate
     Llama.eval ......... pins the config for one decode, checks hooks fired, tracks cells
     Llama.steering ..... the attached ``Steering``
+    Llama.images ....... the images of the current prompt (ImageSpan: grid, first cell)
+
+KV cells vs positions: llama-cpp-python counts *positions* (``n_tokens``). Text tokens take
+one cell and one position each; an image takes nx*ny cells but, with M-RoPE, only n_pos
+positions. So the cell of position p is p plus, for every image before p, its tokens minus
+its positions. Generated tokens follow the last cell.
 
 Without ``steering`` nothing is installed: the object is exactly the parent.
 """
@@ -23,7 +30,10 @@ import llama_cpp.llama_cpp as _lc
 import numpy as np
 
 from llama_steer import _native
-from llama_steer.steering import Steering, SteeringError
+from llama_steer._errors import SteeringError
+from llama_steer.roi import Seq, resolve
+from llama_steer.steering import Steering
+from llama_steer.vision import Geometry, GeometryError, ImageGrid, ImageSpan
 
 __all__ = ["Llama"]
 
@@ -53,6 +63,82 @@ def _cb_eval_in_default_params(hook: _native.Hook):
             _lc.llama_context_default_params = original
 
 
+class _MtmdWatch:
+    """Stands in for a chat handler's ``mtmd_cpp`` module: records the chunk layout when a
+    prompt is tokenized (so image ROIs resolve before anything is evaluated) and brackets
+    each image chunk's decode like ``Llama.eval``. Everything else goes to the module."""
+
+    def __init__(self, module, llm: Llama, mmproj: str):
+        self._m = module
+        self._llm = llm
+        try:
+            self._geometry: Geometry | None = Geometry.from_mmproj(mmproj)
+        except (GeometryError, OSError, KeyError, ValueError):
+            self._geometry = None  # token ranges still work; pixel ROIs will say why not
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def mtmd_tokenize(self, ctx, chunks, text, bitmaps, n_bitmaps):
+        rc = self._m.mtmd_tokenize(ctx, chunks, text, bitmaps, n_bitmaps)
+        if rc == 0:
+            sizes = [
+                (self._m.mtmd_bitmap_get_nx(bitmaps[i]), self._m.mtmd_bitmap_get_ny(bitmaps[i]))
+                for i in range(n_bitmaps)
+            ]
+            self._llm._steer_prompt_layout(self._layout(chunks, sizes))
+        return rc
+
+    def _layout(self, chunks, sizes) -> list:
+        m = self._m
+        out, img = [], 0
+        for i in range(m.mtmd_input_chunks_size(chunks)):
+            ch = m.mtmd_input_chunks_get(chunks, i)
+            kind = m.mtmd_input_chunk_get_type(ch)
+            if kind == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = m.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                out.append(("text", [ptr[j] for j in range(n.value)]))
+                continue
+            if kind != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                raise SteeringError("steering supports text and image chunks (no audio)")
+            toks = m.mtmd_input_chunk_get_tokens_image(ch)
+            nx, ny = m.mtmd_image_tokens_get_nx(toks), m.mtmd_image_tokens_get_ny(toks)
+            n_tokens = m.mtmd_input_chunk_get_n_tokens(ch)
+            n_pos = m.mtmd_input_chunk_get_n_pos(ch)
+            w, h = sizes[img] if img < len(sizes) else (0, 0)
+            img += 1
+            out.append(("image", self._grid(w, h, nx, ny), int(n_tokens), int(n_pos)))
+        return out
+
+    def _grid(self, w: int, h: int, nx: int, ny: int) -> ImageGrid:
+        if self._geometry is not None and w > 0 and h > 0:
+            g = self._geometry.grid(w, h)
+            if (g.nx, g.ny) == (nx, ny):
+                return g
+        # the resize rule is unknown or disagrees with mtmd: keep mtmd's grid, and mark the
+        # pixel mapping unusable (align 0) so box/panel ROIs refuse instead of guessing
+        return ImageGrid(
+            width=max(w, 1), height=max(h, 1), nx=nx, ny=ny, align=0, content=(0, 0, 0, 0)
+        )
+
+    def mtmd_helper_eval_chunk_single(
+        self, ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
+    ):
+        llm = self._llm
+        start = int(getattr(n_past, "value", n_past))
+        rc, key = llm._steer_bracket(
+            start,
+            lambda: self._m.mtmd_helper_eval_chunk_single(
+                ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
+            ),
+            lambda: int(new_n_past._obj.value),
+        )
+        if rc == 0:
+            llm._steer_record(start, int(new_n_past._obj.value), key)
+        return rc
+
+
 class Llama(llama_cpp.Llama):
     """``llama_cpp.Llama`` with attention steering.
 
@@ -63,7 +149,8 @@ class Llama(llama_cpp.Llama):
     Every argument and method of ``llama_cpp.Llama`` works as before. With ``steering``,
     flash attention must stay off (it removes the attention-score nodes the hook edits) and
     the V cache must be f16/f32/bf16; ``swa_full`` defaults to True so KV cell i holds token
-    i in sliding-window layers too.
+    i in sliding-window layers too. With an mtmd chat handler (e.g. ``MTMDChatHandler``),
+    image ROIs (``Panel``, ``Box``, ...) resolve against the images of each chat prompt.
     """
 
     def __init__(self, *args, steering: Steering | None = None, **kwargs):
@@ -123,10 +210,17 @@ class Llama(llama_cpp.Llama):
                 self._steer_cuda = _cuda.attach(hook, device=given.get("main_gpu", 0))
             self._steer_next_phase = _native.PHASE_PREFILL
             self._steer_last_phase = _native.PHASE_PREFILL
-            self._steer_cell_key: list = []
+            self._steer_cell_key: list = []  # per position: config key its KV was made under
+            self._steer_images: list[ImageSpan] = []
             self._steer_stats = hook.stats()
-            self._steer_calibrate()
             self._steer_generating = False
+            self._steer_fresh_layout = False
+            self._steer_calibrate()
+            handler = given.get("chat_handler")
+            if handler is not None and hasattr(handler, "_mtmd_cpp"):
+                handler._mtmd_cpp = _MtmdWatch(
+                    handler._mtmd_cpp, self, getattr(handler, "clip_model_path", "")
+                )
             steering._attach(self, hook)
             self._steering = steering
         except BaseException:
@@ -141,6 +235,11 @@ class Llama(llama_cpp.Llama):
     def steering(self) -> Steering | None:
         """The attached ``Steering`` (None when created without one)."""
         return self._steering
+
+    @property
+    def images(self) -> list[ImageSpan]:
+        """Images of the current prompt, in order: grid, first KV cell, first position."""
+        return list(getattr(self, "_steer_images", []))
 
     def close(self) -> None:
         """Free the model and context, then the hook. Safe to call twice."""
@@ -189,9 +288,50 @@ class Llama(llama_cpp.Llama):
             out.append(bytes(buf.raw[: max(n, 0)]))
         return out
 
-    def _steer_sequence(self) -> tuple[list[int], list[bytes]]:
-        toks = [int(t) for t in self.input_ids[: self.n_tokens]]
-        return toks, self._steer_pieces(toks)
+    def _steer_seq_for(self, tokens: Sequence[int], images: list[ImageSpan]) -> Seq:
+        """The Seq of a prompt of ``tokens`` (positions) holding ``images``."""
+        tokens = [int(t) for t in tokens]
+        n = len(tokens)
+        pieces = self._steer_pieces(tokens)
+        cell = np.arange(n, dtype=np.int64)
+        for im in images:
+            a, b = im.first_pos, min(im.first_pos + im.n_pos, n)
+            for p in range(a, b):
+                pieces[p] = b""  # image positions carry no text
+            cell[a:b] = im.first_cell + np.arange(b - a)
+            cell[im.first_pos + im.n_pos :] += im.grid.n_tokens - im.n_pos
+        return Seq(tokens, pieces, cell, list(images))
+
+    def _steer_seq(self) -> Seq:
+        """The Seq of what has been evaluated so far."""
+        return self._steer_seq_for(self.input_ids[: self.n_tokens], self._steer_images)
+
+    def _steer_prompt_layout(self, layout: list) -> None:
+        """A multimodal prompt was tokenized (the handler evaluates it next, from an empty
+        cache): record where its images go and publish the config resolved against it, so
+        every chunk is evaluated under the config the generation will use."""
+        tokens: list[int] = []
+        images: list[ImageSpan] = []
+        cells = 0
+        for item in layout:
+            if item[0] == "text":
+                tokens.extend(item[1])
+                cells += len(item[1])
+                continue
+            _, grid, n_tok, n_pos = item
+            if n_tok != grid.n_tokens:
+                raise SteeringError(
+                    f"mtmd reports {n_tok} tokens for an image of {grid.nx}x{grid.ny}; "
+                    "this projector's layout is not supported by llama-steer"
+                )
+            images.append(ImageSpan(len(images) + 1, grid, cells, len(tokens), n_pos))
+            tokens.extend([0] * n_pos)
+            cells += n_tok
+        self._steer_images = images
+        self._steer_cell_key = []
+        self._steer_hook.stats(reset=True)  # this prompt's chunks count in the generation
+        self._steer_fresh_layout = True
+        self._steering._publish(self._steer_seq_for(tokens, images))
 
     def _steer_check_cells(self) -> None:
         mem = _lc.llama_get_memory(self._ctx.ctx)
@@ -200,7 +340,7 @@ class Llama(llama_cpp.Llama):
         if self.n_tokens and (lo != 0 or hi != self.n_tokens - 1):
             raise SteeringError(
                 f"KV cache holds positions {lo}..{hi} for {self.n_tokens} evaluated tokens: "
-                "steering maps token i to KV cell i and needs one sequence (seq 0) evaluated "
+                "steering maps tokens to KV cells and needs one sequence (seq 0) evaluated "
                 "from position 0 (do not shift or share the cache while steering)"
             )
 
@@ -215,9 +355,49 @@ class Llama(llama_cpp.Llama):
                 n = i
                 break
         if n < self.n_tokens:
+            if any(n < im.first_pos + im.n_pos for im in self._steer_images):
+                raise SteeringError(
+                    "the steering config changed in a way that needs the image re-evaluated; "
+                    "send the chat request again (images are evaluated by the chat handler)"
+                )
             self.n_tokens = n
             self._ctx.kv_cache_seq_rm(-1, n, -1)
             self._requires_eval = True  # the logits in hand belong to a dropped cell
+
+    def _steer_record(self, start: int, end: int, key) -> None:
+        """Positions [start, end) were just evaluated under config ``key``."""
+        keys = self._steer_cell_key
+        if len(keys) < start:
+            keys.extend([object()] * (start - len(keys)))  # unknown: matches nothing
+        del keys[start:]
+        keys.extend([key] * (end - start))
+
+    def _steer_bracket(self, n_past: int, run, n_after):
+        """Run one decode (``run()``) with the config pinned for the current phase, record
+        under which config the new cells were made, and refuse silent no-ops."""
+        st, hook = self._steering, self._steer_hook
+        phase = self._steer_next_phase
+        before = hook.stats()
+        with st._lock:
+            key = st._key_for(phase)
+            hook.begin_eval(phase)
+        try:
+            result = run()
+        finally:
+            hook.end_eval()
+        n_new = n_after() - n_past
+        self._steer_last_phase = phase
+        after = hook.stats()
+        self._steer_stats = after
+        problems = _native.describe_flags(after.flags)
+        if problems:
+            raise SteeringError("steering could not run: " + "; ".join(problems))
+        if key is not None and n_new > 0 and after.n_kq_edited == before.n_kq_edited:
+            raise SteeringError(
+                "steering is on but no attention node was hooked during this eval: the "
+                "graph has no kq-<il> nodes (flash attention on?); refusing to run unsteered"
+            )
+        return result, key
 
     # -- the parent's hot paths -------------------------------------------------------------
     def generate(self, tokens: Sequence[int], *args, **kwargs):
@@ -225,9 +405,18 @@ class Llama(llama_cpp.Llama):
         if st is None:
             return (yield from super().generate(tokens, *args, **kwargs))
         tokens = list(tokens)
-        st._publish(tokens, self._steer_pieces(tokens))
+        # images stay addressable while the prompt still holds them where they were
+        same = 0
+        for a, b in zip(self.input_ids[: self.n_tokens], tokens, strict=False):
+            if a != b:
+                break
+            same += 1
+        self._steer_images = [im for im in self._steer_images if im.first_pos + im.n_pos <= same]
+        st._publish(self._steer_seq_for(tokens, self._steer_images))
         self._steer_invalidate_stale()
-        self._steer_hook.stats(reset=True)
+        if not self._steer_fresh_layout:
+            self._steer_hook.stats(reset=True)
+        self._steer_fresh_layout = False
         self._steer_next_phase = _native.PHASE_PREFILL
         self._steer_generating = True
         try:
@@ -239,35 +428,18 @@ class Llama(llama_cpp.Llama):
         st = self._steering
         if st is None or self._steer_hook is None:
             return super().eval(tokens)
-        hook = self._steer_hook
-        phase = self._steer_next_phase
         n_past = self.n_tokens
         if st._published is None:  # eval() called directly, before any generate()
             seq = [int(t) for t in self.input_ids[:n_past]] + [int(t) for t in tokens]
-            st._publish(seq, self._steer_pieces(seq))
-        before = hook.stats()
-        with st._lock:
-            key = st._key_for(phase)
-            hook.begin_eval(phase)
-        try:
-            super().eval(tokens)
-        finally:
-            hook.end_eval()
-        self._steer_next_phase = _native.PHASE_DECODE
-        self._steer_last_phase = phase
-        after = hook.stats()
-        self._steer_stats = after
-        keys = self._steer_cell_key
-        del keys[n_past:]
-        keys.extend([key] * (self.n_tokens - n_past))
-        problems = _native.describe_flags(after.flags)
-        if problems:
-            raise SteeringError("steering could not run: " + "; ".join(problems))
-        if key is not None and len(tokens) and after.n_kq_edited == before.n_kq_edited:
-            raise SteeringError(
-                "steering is on but no attention node was hooked during this eval: the "
-                "graph has no kq-<il> nodes (flash attention on?); refusing to run unsteered"
-            )
+            st._publish(self._steer_seq_for(seq, self._steer_images))
+        _, key = self._steer_bracket(
+            n_past, lambda: super(Llama, self).eval(tokens), lambda: self.n_tokens
+        )
+        # within generate(), the prompt is the first eval and every later one a decode step;
+        # any other eval (a chat handler's prompt chunks, a user's eval) is prefill
+        if self._steer_generating:
+            self._steer_next_phase = _native.PHASE_DECODE
+        self._steer_record(n_past, self.n_tokens, key)
         self._steer_check_cells()
 
     def reset(self):
@@ -277,16 +449,14 @@ class Llama(llama_cpp.Llama):
 
     # -- observation ------------------------------------------------------------------------
     def _steer_attention_to(self, targets: tuple, steered: bool) -> np.ndarray:
-        from llama_steer.steering import resolve_cells
-
         st, hook = self._steering, self._steer_hook
         if self.n_tokens == 0:
             raise SteeringError("nothing evaluated yet: run a completion (or eval) first")
         if not targets:
             raise SteeringError("attention_to() needs a target (or a Steering with an roi)")
-        toks, pieces = self._steer_sequence()
-        cells = resolve_cells(targets, toks, pieces)
-        region = np.full(self.n_tokens, -1, dtype=np.int16)
+        seq = self._steer_seq()
+        cells, _ = resolve(targets, seq)
+        region = np.full(int(seq.cell_of_pos[-1]) + 1, -1, dtype=np.int16)
         region[cells] = 0
         obs_layers = np.ones(hook.n_layer, dtype=bool)
         heads, bias, tail, phases = st._published
@@ -315,7 +485,8 @@ class Llama(llama_cpp.Llama):
             obs, rows = hook.read_obs(reset=True)
         finally:
             # put the config back and, if the readout changed the last cell, recompute it
-            re_eval(observe=False, edit=True) if not steered else None
+            if not steered:
+                re_eval(observe=False, edit=True)
             with st._lock:
                 hook.set_config(heads, bias, tail=tail, phases=phases)
                 st._edits = st._key is not None

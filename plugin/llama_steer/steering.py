@@ -1,8 +1,6 @@
-"""Steering configs and text targets.
+"""Steering configs.
 
-    SteeringError ..... bad input; the message names the problem and the fix
-    Text, Tokens ...... key cells of a prompt: by substring, or by token index range
-    Steering .......... heads x target x mode x strength; ``update()`` republishes at once
+    Steering .......... heads x target (roi.py) x mode x strength; ``update()`` republishes
     MODES, MAX_STRENGTH
 
 How a config becomes a native bias vector (logit units, one value per KV cell):
@@ -13,8 +11,8 @@ How a config becomes a native bias vector (logit units, one value per KV cell):
     emphasize  b[everything but target] = -strength          (PASTA: attention outside the
                target scaled by exp(-strength); strength 4.6 ~ PASTA's coefficient 0.01)
 
-Cells: for one sequence evaluated from an empty (or prefix-reused) cache, token i of the
-evaluated sequence sits in KV cell i; ``Llama`` checks this after every eval.
+Cells: targets resolve to KV cells through ``roi.resolve`` against the prompt as ``Llama``
+recorded it (text tokens, and images with their first cell and token grid).
 """
 
 from __future__ import annotations
@@ -22,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llama_steer import _native
+from llama_steer._errors import SteeringError
+from llama_steer.roi import IMAGE_TARGETS, Saliency, Seq, as_targets, domain_of, resolve
 
 if TYPE_CHECKING:
     from llama_steer.llama import Llama
@@ -36,109 +34,6 @@ if TYPE_CHECKING:
 MODES = ("bias", "shift", "redirect", "emphasize")
 # biases are finite and bounded so an edited row stays finite (no all -inf row, no NaN)
 MAX_STRENGTH = 1.0e4
-
-
-class SteeringError(ValueError):
-    """Bad steering input; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Text:
-    """The prompt tokens that cover a substring (``occurrence``-th match, 0-based).
-
-    >>> Text("Mary lives in Madrid.")
-    >>> Text("the", occurrence=2)
-    >>> Steering(roi=Text("John lives in Berlin."), strength=4.0)
-    """
-
-    text: str
-    occurrence: int = 0
-
-    def __post_init__(self):
-        if not isinstance(self.text, str) or not self.text:
-            raise SteeringError("Text() needs a non-empty string to look for in the prompt")
-        if not isinstance(self.occurrence, int) or self.occurrence < 0:
-            raise SteeringError("Text(occurrence=...) must be an int >= 0 (0 = first match)")
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """Token (= KV cell) indices ``start <= i < stop`` of the evaluated sequence.
-
-    >>> Tokens(1, 8)            # tokens 1..7 (token 0 is BOS for most models)
-    >>> Steering(roi=Tokens(10, 20), mode="bias", strength=-6)
-    """
-
-    start: int
-    stop: int
-
-    def __post_init__(self):
-        if not (isinstance(self.start, int) and isinstance(self.stop, int)):
-            raise SteeringError("Tokens(start, stop) takes two ints")
-        if self.start < 0 or self.stop <= self.start:
-            raise SteeringError(
-                f"Tokens({self.start}, {self.stop}) is empty or negative: "
-                "use 0 <= start < stop (stop is exclusive)"
-            )
-
-
-Target = Text | Tokens | Sequence[Text | Tokens]
-
-
-def _as_targets(roi) -> tuple:
-    if roi is None:
-        return ()
-    if isinstance(roi, (Text, Tokens)):
-        return (roi,)
-    if isinstance(roi, str):
-        raise SteeringError(f"roi={roi!r} is a plain string: wrap it as Text({roi!r})")
-    if isinstance(roi, Iterable):
-        out = tuple(roi)
-        for r in out:
-            if not isinstance(r, (Text, Tokens)):
-                raise SteeringError(f"roi item {r!r} is not a Text or Tokens target")
-        return out
-    raise SteeringError(f"roi={roi!r}: expected Text(...), Tokens(...) or a list of them")
-
-
-def resolve_cells(targets: tuple, tokens: Sequence[int], pieces: Sequence[bytes]) -> np.ndarray:
-    """Sorted unique KV cells (int64) that ``targets`` cover in a sequence of ``tokens``.
-
-    ``pieces[i]`` is the text of token i (bytes; b"" for control tokens)."""
-    n = len(tokens)
-    cells: list[np.ndarray] = []
-    blob = b"".join(pieces)
-    ends = np.cumsum([len(p) for p in pieces]) if n else np.zeros(0, dtype=np.int64)
-    starts = ends - np.array([len(p) for p in pieces], dtype=np.int64) if n else ends
-    for t in targets:
-        if isinstance(t, Tokens):
-            if t.stop > n:
-                raise SteeringError(
-                    f"Tokens({t.start}, {t.stop}) reaches past the evaluated sequence, "
-                    f"which has {n} tokens: use stop <= {n}"
-                )
-            cells.append(np.arange(t.start, t.stop, dtype=np.int64))
-        else:
-            needle = t.text.encode("utf-8")
-            pos = -1
-            for _ in range(t.occurrence + 1):
-                pos = blob.find(needle, pos + 1)
-                if pos < 0:
-                    break
-            if pos < 0:
-                shown = blob.decode("utf-8", "replace")
-                shown = shown if len(shown) <= 120 else shown[:117] + "..."
-                which = "" if t.occurrence == 0 else f" (occurrence {t.occurrence})"
-                raise SteeringError(
-                    f"ROI text {t.text!r}{which} is not in the prompt ({n} tokens: {shown!r}); "
-                    "pass a substring of the prompt exactly as written"
-                )
-            lo, hi = pos, pos + len(needle)
-            hit = np.nonzero((starts < hi) & (ends > lo) & (ends > starts))[0]
-            cells.append(hit.astype(np.int64))
-    if not cells:
-        return np.zeros(0, dtype=np.int64)
-    return np.unique(np.concatenate(cells))
 
 
 def _check_strength(strength) -> float:
@@ -168,12 +63,14 @@ class Steering:
 
     heads: "all", a list of (layer, head) pairs (query heads, 0-based), or a bool array
         (n_layer, n_head).
-    roi: the target cells: Text(...), Tokens(...) or a list of them (union).
+    roi: the target: Text, Tokens, ImageTokens, Box, Panel, Region, Saliency (roi.py), a
+        list of them (union), or a string in the CLI grammar ("panel:4/6", "50:99", ...).
     mode: one of MODES (see the module docstring).
     strength: logit units (added after the 1/sqrt(d) scale); 0 = no edit at all.
     weights: per-target-cell values, float array (n_target_cells,): real-valued mask for
         "bias", the saliency s for "shift".
-    domain: for "redirect": the cells to suppress (the target is boosted).
+    domain: for "redirect": the cells to suppress (the target is boosted); defaults to the
+        whole image for image targets.
     decode_only: edit only generated tokens' queries (the gaze-heads default) instead of
         prompt and generated tokens.
     """
@@ -181,11 +78,11 @@ class Steering:
     def __init__(
         self,
         heads="all",
-        roi: Target | None = None,
+        roi=None,
         mode: str = "bias",
         strength: float = 4.0,
         weights=None,
-        domain: Target | None = None,
+        domain=None,
         decode_only: bool = False,
     ):
         self._lock = threading.RLock()
@@ -256,7 +153,7 @@ class Steering:
                     raise
         return self
 
-    def retarget(self, roi: Target) -> Steering:
+    def retarget(self, roi) -> Steering:
         """``update(roi=roi)``."""
         return self.update(roi=roi)
 
@@ -264,7 +161,7 @@ class Steering:
         """Callback counters since the start of the last generation (hooked nodes, rows)."""
         return self._require_llm()._steer_stats
 
-    def attention_to(self, target: Target | None = None, steered: bool = True) -> np.ndarray:
+    def attention_to(self, target=None, steered: bool = True) -> np.ndarray:
         """Attention mass on ``target`` (default: the ROI) per layer and head, for the last
         evaluated token: float32 (n_layer, n_head), probabilities summed over the target's
         cells (0..1). The seeds' "ROI focus". ``steered=False`` reads the unsteered model.
@@ -274,7 +171,7 @@ class Steering:
         >>> focus.mean()
         """
         return self._require_llm()._steer_attention_to(
-            _as_targets(target) if target is not None else self.roi, steered
+            as_targets(target) if target is not None else self.roi, steered
         )
 
     def close(self) -> None:
@@ -313,8 +210,8 @@ class Steering:
         if mode not in MODES:
             raise SteeringError(f"mode={mode!r} is not one of {MODES}")
         cfg["strength"] = _check_strength(cfg["strength"])
-        cfg["roi"] = _as_targets(cfg["roi"])
-        cfg["domain"] = _as_targets(cfg["domain"])
+        cfg["roi"] = as_targets(cfg["roi"])
+        cfg["domain"] = as_targets(cfg["domain"])
         cfg["decode_only"] = bool(cfg["decode_only"])
         heads = cfg["heads"]
         if isinstance(heads, str):
@@ -345,15 +242,22 @@ class Steering:
             if not np.all(np.isfinite(w)):
                 raise SteeringError("weights contain NaN or infinity: pass finite values")
             cfg["weights"] = w
-        if mode == "shift" and w is None:
+        has_saliency = any(isinstance(t, Saliency) for t in cfg["roi"])
+        if w is not None and has_saliency:
+            raise SteeringError(
+                "give the weights either as weights= or as a Saliency roi, not both"
+            )
+        if mode == "shift" and w is None and not has_saliency:
             raise SteeringError(
                 "mode='shift' needs weights=: the saliency s over the ROI's cells "
-                "(normalised to (s - mean)/std and scaled by strength)"
+                "(normalised to (s - mean)/std and scaled by strength), or a Saliency roi"
             )
-        if mode == "redirect" and not cfg["domain"]:
+        has_image = any(isinstance(t, IMAGE_TARGETS) for t in cfg["roi"])
+        if mode == "redirect" and not cfg["domain"] and not has_image:
             raise SteeringError(
                 "mode='redirect' needs domain=: the cells to suppress while the ROI is "
-                "boosted (e.g. domain=Text('<all the facts>'))"
+                "boosted (e.g. domain=Text('<all the facts>')); image targets default to "
+                "their image"
             )
         self._cfg = cfg
 
@@ -393,23 +297,23 @@ class Steering:
             m[layer, head] = True
         return m
 
-    def _bias(self, tokens: Sequence[int], pieces: Sequence[bytes]) -> tuple[np.ndarray, float]:
-        """(bias per cell float32 logit units, tail) for the current config and sequence."""
+    def _bias(self, seq: Seq) -> tuple[np.ndarray, float]:
+        """(bias per cell float32 logit units, tail) for the current config and prompt."""
         c = self._cfg
         s = c["strength"]
-        cells = resolve_cells(c["roi"], tokens, pieces)
-        mode, w = c["mode"], c["weights"]
-        if c["roi"] and cells.size == 0:
-            raise SteeringError("the ROI covers no token of the prompt")
-        if w is not None and w.size != cells.size:
+        cells, w_roi = resolve(c["roi"], seq)
+        mode = c["mode"]
+        w = c["weights"] if c["weights"] is not None else w_roi
+        if c["weights"] is not None and c["weights"].size != cells.size:
             raise SteeringError(
-                f"weights has {w.size} values but the ROI covers {cells.size} cells: "
-                "give one weight per ROI cell"
+                f"weights has {c['weights'].size} values but the ROI covers {cells.size} "
+                "cells: give one weight per ROI cell"
             )
         n = int(cells.max()) + 1 if cells.size else 0
         tail = 0.0
+        dom = np.zeros(0, dtype=np.int64)
         if mode == "redirect":
-            dom = resolve_cells(c["domain"], tokens, pieces)
+            dom = resolve(c["domain"], seq)[0] if c["domain"] else domain_of(c["roi"], seq)
             n = max(n, int(dom.max()) + 1 if dom.size else 0)
         bias = np.zeros(n, dtype=np.float64)
         if s == 0.0 or cells.size == 0:
@@ -434,13 +338,13 @@ class Steering:
         bias = np.clip(bias, -MAX_STRENGTH * 10, MAX_STRENGTH * 10)
         return bias.astype(np.float32), tail
 
-    def _publish(self, tokens: Sequence[int] | None = None, pieces=None) -> None:
-        """Resolve against the model's evaluated tokens (or the given prompt) and publish."""
+    def _publish(self, seq: Seq | None = None) -> None:
+        """Resolve against ``seq`` (default: what the model has evaluated) and publish."""
         llm = self._require_llm()
         with self._lock:
-            if tokens is None:
-                tokens, pieces = llm._steer_sequence()
-            bias, tail = self._bias(tokens, pieces)
+            if seq is None:
+                seq = llm._steer_seq()
+            bias, tail = self._bias(seq)
             heads = self._heads_mask()
             phases = _native.PHASE_DECODE
             if not self._cfg["decode_only"]:

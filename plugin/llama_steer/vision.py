@@ -1,0 +1,215 @@
+"""Image geometry: how an image becomes a grid of image tokens, and which tokens a pixel
+region covers.
+
+    Geometry ........... the resize rule of a loaded mmproj (read from its GGUF)
+    ImageGrid .......... one image: original size, token grid nx x ny, the letterbox
+    ImageGrid.box_tokens(x0, y0, x1, y1)   token indices (row-major) a pixel box covers
+    ImageSpan .......... an image inside a prompt: its grid, first KV cell, first position
+
+The rule for Qwen2-VL-family projectors (llama.cpp's mtmd "dyn_size" preprocessor): the image
+is fitted, aspect ratio kept, into a canvas whose sides are multiples of patch_size * merge
+(28 px for Qwen2-VL) chosen by "smart resize" within [min_tokens, max_tokens] merged tokens,
+centred, padded with black (PAD_CEIL); each merged token is one align x align canvas square.
+A token belongs to a box when at least half of its area (in original-image pixels, padding
+excluded) lies inside the box; a box smaller than that selects the one token under its centre.
+The grid predicted here is checked against the nx x ny that mtmd actually produced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llama_steer._gguf import read_metadata
+
+__all__ = ["Geometry", "ImageGrid", "ImageSpan", "NAMED_REGIONS"]
+
+# projectors whose preprocessing is the dyn_size smart resize above, with their token limits
+_DYN_SIZE = {
+    "qwen2vl_merger": (8, 4096),
+    "qwen2.5vl_merger": (8, 4096),
+    "qwen3vl_merger": (8, 4096),
+}
+
+# named regions as fractions of the original image (x0, y0, x1, y1)
+NAMED_REGIONS = {
+    "left": (0.0, 0.0, 0.5, 1.0),
+    "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5),
+    "bottom": (0.0, 0.5, 1.0, 1.0),
+    "top-left": (0.0, 0.0, 0.5, 0.5),
+    "top-right": (0.5, 0.0, 1.0, 0.5),
+    "bottom-left": (0.0, 0.5, 0.5, 1.0),
+    "bottom-right": (0.5, 0.5, 1.0, 1.0),
+    "center": (0.25, 0.25, 0.75, 0.75),
+}
+
+
+class GeometryError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The resize rule of an mmproj: patch size, merge factor, token limits."""
+
+    projector: str
+    patch_size: int
+    merge: int
+    min_tokens: int
+    max_tokens: int
+
+    @property
+    def align(self) -> int:
+        """Pixels per merged image token side on the resized canvas."""
+        return self.patch_size * self.merge
+
+    @classmethod
+    def from_mmproj(cls, path: str | Path) -> Geometry:
+        meta = read_metadata(path)
+        proj = meta.get("clip.projector_type")
+        if proj not in _DYN_SIZE:
+            raise GeometryError(
+                f"{path}: projector {proj!r} is not one whose resize rule llama-steer knows "
+                f"({', '.join(sorted(_DYN_SIZE))}); pixel ROIs (box:, panel:, named regions) "
+                "are unavailable, use image-token ranges such as 50:99"
+            )
+        lo, hi = _DYN_SIZE[proj]
+        return cls(
+            projector=proj,
+            patch_size=int(meta["clip.vision.patch_size"]),
+            merge=int(meta.get("clip.vision.spatial_merge_size", 2)),
+            min_tokens=lo,
+            max_tokens=hi,
+        )
+
+    def canvas(self, width: int, height: int) -> tuple[int, int]:
+        """Resized canvas (w, h) for an image of (width, height): mtmd's smart resize."""
+        a = self.align
+        min_px = self.min_tokens * a * a
+        max_px = self.max_tokens * a * a
+
+        def rnd(x: float) -> int:  # std::round: half away from zero
+            return int(math.floor(x / a + 0.5)) * a
+
+        w, h = max(a, rnd(width)), max(a, rnd(height))
+        if w * h > max_px:
+            beta = math.sqrt(height * width / max_px)
+            h = max(a, int(math.floor(height / beta / a)) * a)
+            w = max(a, int(math.floor(width / beta / a)) * a)
+        elif w * h < min_px:
+            beta = math.sqrt(min_px / (height * width))
+            h = int(math.ceil(height * beta / a)) * a
+            w = int(math.ceil(width * beta / a)) * a
+        return w, h
+
+    def grid(self, width: int, height: int) -> ImageGrid:
+        if width <= 0 or height <= 0:
+            raise GeometryError(f"image size {width}x{height} is empty")
+        cw, ch = self.canvas(width, height)
+        scale = min(cw / width, ch / height)
+        new_w = min(int(math.ceil(width * scale)), cw)
+        new_h = min(int(math.ceil(height * scale)), ch)
+        return ImageGrid(
+            width=width,
+            height=height,
+            nx=cw // self.align,
+            ny=ch // self.align,
+            align=self.align,
+            content=((cw - new_w) // 2, (ch - new_h) // 2, new_w, new_h),
+        )
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """One image as the model sees it.
+
+    width, height: original pixels; nx, ny: merged tokens (row-major, token t = r * nx + c);
+    align: canvas pixels per token side; content: (x, y, w, h) of the image on the canvas.
+    """
+
+    width: int
+    height: int
+    nx: int
+    ny: int
+    align: int
+    content: tuple[int, int, int, int]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.nx * self.ny
+
+    def token_boxes(self) -> np.ndarray:
+        """(n_tokens, 4) float64: each token's (x0, y0, x1, y1) in original pixels, clipped
+        to the image (letterbox padding removed); empty boxes for all-padding tokens."""
+        ox, oy, cw, ch = self.content
+        sx, sy = cw / self.width, ch / self.height
+        c = np.arange(self.nx)
+        r = np.arange(self.ny)
+        x0 = np.clip((c * self.align - ox) / sx, 0, self.width)
+        x1 = np.clip(((c + 1) * self.align - ox) / sx, 0, self.width)
+        y0 = np.clip((r * self.align - oy) / sy, 0, self.height)
+        y1 = np.clip(((r + 1) * self.align - oy) / sy, 0, self.height)
+        out = np.zeros((self.ny, self.nx, 4))
+        out[..., 0], out[..., 2] = x0[None, :], x1[None, :]
+        out[..., 1], out[..., 3] = y0[:, None], y1[:, None]
+        return out.reshape(-1, 4)
+
+    def box_tokens(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        """Row-major token indices covering the pixel box (rule in the module docstring)."""
+        if not (x1 > x0 and y1 > y0):
+            raise GeometryError(
+                f"box {x0:g},{y0:g},{x1:g},{y1:g} is empty or inverted: use x0 < x1 and y0 < y1"
+            )
+        if x0 < 0 or y0 < 0 or x1 > self.width or y1 > self.height:
+            raise GeometryError(
+                f"box {x0:g},{y0:g},{x1:g},{y1:g} is outside the image "
+                f"({self.width}x{self.height} px, grid {self.nx}x{self.ny} tokens)"
+            )
+        tb = self.token_boxes()
+        area = (tb[:, 2] - tb[:, 0]) * (tb[:, 3] - tb[:, 1])
+        ix = np.clip(np.minimum(tb[:, 2], x1) - np.maximum(tb[:, 0], x0), 0, None)
+        iy = np.clip(np.minimum(tb[:, 3], y1) - np.maximum(tb[:, 1], y0), 0, None)
+        inter = ix * iy
+        hit = np.nonzero((area > 0) & (inter >= 0.5 * area))[0]
+        if hit.size == 0:  # a box smaller than half a token: the token under its centre
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            inside = (tb[:, 0] <= cx) & (cx < tb[:, 2]) & (tb[:, 1] <= cy) & (cy < tb[:, 3])
+            hit = np.nonzero(inside & (area > 0))[0][:1]
+        return hit.astype(np.int64)
+
+    def describe(self) -> str:
+        ox, oy, cw, ch = self.content
+        tw = self.width / (cw / self.align)
+        th = self.height / (ch / self.align)
+        pad = (
+            ""
+            if (ox, oy) == (0, 0) and (cw, ch) == (self.nx * self.align, self.ny * self.align)
+            else (
+                f", letterboxed at ({ox},{oy}) size {cw}x{ch} on the {self.nx * self.align}x"
+                f"{self.ny * self.align} canvas"
+            )
+        )
+        return (
+            f"{self.width}x{self.height} px -> {self.nx}x{self.ny} tokens (row-major, "
+            f"{self.n_tokens} in all), one token ~ {tw:.1f}x{th:.1f} px{pad}"
+        )
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """An image inside an evaluated prompt: KV cells [first_cell, first_cell + n_tokens),
+    positions [first_pos, first_pos + n_pos) (M-RoPE: n_pos < n_tokens)."""
+
+    index: int  # 1-based, in prompt order
+    grid: ImageGrid
+    first_cell: int
+    first_pos: int
+    n_pos: int
+
+    @property
+    def cells(self) -> np.ndarray:
+        return np.arange(self.first_cell, self.first_cell + self.grid.n_tokens, dtype=np.int64)
