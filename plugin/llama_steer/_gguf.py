@@ -1,6 +1,8 @@
 """Read the key/value metadata of a GGUF file (header only; tensors are not touched).
 
     read_metadata(path) -> dict[str, value]     scalars, strings and arrays of scalars
+    fingerprint(path) -> str                     sha256 of the header (metadata + tensor table):
+                                                 identifies a model without reading its weights
 
 GGUF v2/v3 little-endian, as written by llama.cpp's gguf-py. Used for mmproj geometry and
 model identity without loading weights.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-__all__ = ["read_metadata"]
+__all__ = ["fingerprint", "read_metadata"]
 
 _SCALARS = {
     0: "<B",
@@ -77,3 +79,29 @@ def read_metadata(path: str | Path, max_array: int = 4096) -> dict:
             key = r.string()
             out[key] = r.value(r.take("<I"), max_array)
         return out
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 (hex) of the GGUF header: metadata and tensor table, not the tensor data."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        r = _Reader(f)
+        r.take("<I")
+        n_tensors = r.take("<Q")
+        n_kv = r.take("<Q")
+        for _ in range(n_kv):
+            r.string()
+            r.value(r.take("<I"), 0)
+        for _ in range(n_tensors):
+            r.string()
+            n_dims = r.take("<I")
+            for _ in range(n_dims):
+                r.take("<Q")
+            r.take("<I")  # type
+            r.take("<Q")  # offset
+        end = f.tell()
+        f.seek(0)
+        return hashlib.sha256(f.read(end)).hexdigest()

@@ -73,6 +73,8 @@ class Steering:
         whole image for image targets.
     decode_only: edit only generated tokens' queries (the gaze-heads default) instead of
         prompt and generated tokens.
+    headmap, top_k: take ``heads`` from a Headmap (or its JSON path): its top_k heads
+        (default: the headmap's recommended top_k). Checked against the model when attached.
     """
 
     def __init__(
@@ -84,6 +86,8 @@ class Steering:
         weights=None,
         domain=None,
         decode_only: bool = False,
+        headmap=None,
+        top_k: int | None = None,
     ):
         self._lock = threading.RLock()
         self._llm: Llama | None = None
@@ -102,6 +106,8 @@ class Steering:
                 weights=weights,
                 domain=domain,
                 decode_only=decode_only,
+                headmap=headmap,
+                top_k=top_k,
             )
         )
 
@@ -213,6 +219,16 @@ class Steering:
         cfg["roi"] = as_targets(cfg["roi"])
         cfg["domain"] = as_targets(cfg["domain"])
         cfg["decode_only"] = bool(cfg["decode_only"])
+        hm = cfg["headmap"]
+        if hm is not None:
+            from llama_steer.headmap import Headmap
+
+            hm = hm if isinstance(hm, Headmap) else Headmap.load(hm)
+            cfg["headmap"] = hm
+            k = cfg["top_k"] if cfg["top_k"] is not None else hm.defaults.get("top_k", 10)
+            cfg["heads"] = hm.top(min(int(k), len(hm.heads)) if cfg["top_k"] is None else int(k))
+        elif cfg["top_k"] is not None:
+            raise SteeringError("top_k= goes with headmap=: pass the headmap to rank heads by")
         heads = cfg["heads"]
         if isinstance(heads, str):
             if heads != "all":
@@ -268,6 +284,12 @@ class Steering:
                 raise SteeringError(
                     "this Steering is already attached to a model: make one per Llama"
                 )
+            hm = self._cfg["headmap"]
+            if hm is not None:
+                import warnings
+
+                for w in hm.check_model(llm.model_path, strict=False):
+                    warnings.warn(w, stacklevel=3)
             self._llm, self._hook = llm, hook
             self._heads_mask()  # validate heads against the model now
 

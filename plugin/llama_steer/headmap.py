@@ -1,0 +1,257 @@
+"""Headmaps: the ranked attention heads of one model, and how they were found.
+
+    Headmap ............. dataclass; from_json / to_json (a round trip is equal), load / save
+    Headmap.top(k) ...... the k best heads as (layer, head) pairs, for Steering(heads=...)
+    Headmap.bottom(k), Headmap.random(k, seed)   the paper's control head sets
+    Headmap.check_model(path)   refuse a headmap made for another model
+    ModelIdentity ....... architecture, n_layer, n_head, n_head_kv, GGUF header fingerprint
+    HeadmapError ........ a bad file; the message names the bad key
+
+Schema (version 1, JSON)::
+
+    {"version": 1,
+     "model": {"architecture": "qwen2vl", "n_layer": 6, "n_head": 8, "n_head_kv": 2,
+               "fingerprint": "<sha256 of the GGUF header>", "name": "..."},
+     "method": {"name": "gaze", "command": "...", ...free-form parameters...},
+     "heads": [{"layer": 3, "head": 5, "score": 0.41}, ...],     best first
+     "scores": [[...n_head...], ...n_layer...] or null,          the full matrix
+     "defaults": {"top_k": 10, "mode": "redirect", "strength": 6.0}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llama_steer._errors import SteeringError
+
+__all__ = ["HeadScore", "Headmap", "HeadmapError", "ModelIdentity"]
+
+VERSION = 1
+
+
+class HeadmapError(SteeringError):
+    """A headmap that cannot be used; the message names the key or the mismatch."""
+
+
+def _need(d: dict, key: str, kind, where: str):
+    if not isinstance(d, dict) or key not in d:
+        raise HeadmapError(f"headmap: missing key {where}{key!r}")
+    v = d[key]
+    ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+    if not ok:
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise HeadmapError(f"headmap: key {where}{key!r} must be {name}, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class HeadScore:
+    layer: int
+    head: int
+    score: float
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    architecture: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    fingerprint: str = ""
+    name: str = ""
+
+    @classmethod
+    def of_gguf(cls, path: str | Path) -> ModelIdentity:
+        """Identity of a GGUF model file, read from its header (no weights loaded)."""
+        from llama_steer._gguf import fingerprint, read_metadata
+
+        meta = read_metadata(path, max_array=64)
+        arch = meta.get("general.architecture")
+        try:
+            n_layer = int(meta[f"{arch}.block_count"])
+            n_head = meta[f"{arch}.attention.head_count"]
+            n_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
+        except KeyError as e:
+            raise HeadmapError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+        # per-layer head counts come as arrays; the hook addresses query heads up to the max
+        n_head = int(max(n_head)) if isinstance(n_head, list) else int(n_head)
+        n_kv = int(max(n_kv)) if isinstance(n_kv, list) else int(n_kv)
+        return cls(
+            arch, n_layer, n_head, n_kv, fingerprint(path), str(meta.get("general.name", ""))
+        )
+
+
+@dataclass
+class Headmap:
+    """Ranked heads of one model.
+
+    >>> hm = Headmap.load("headmaps/organism.json")
+    >>> Steering(heads=hm.top(10), roi=Panel(4, of=6), mode="redirect", strength=6)
+    >>> hm.random(10, seed=0), hm.bottom(10)          # control head sets of the same size
+    """
+
+    model: ModelIdentity
+    heads: list[HeadScore]
+    method: dict = field(default_factory=dict)
+    scores: list[list[float]] | None = None
+    defaults: dict = field(default_factory=dict)
+    version: int = VERSION
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- schema -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        m = self.model
+        if m.n_layer <= 0 or m.n_head <= 0 or m.n_head_kv <= 0:
+            raise HeadmapError(f"headmap: model shape {m.n_layer}x{m.n_head} is empty")
+        seen = set()
+        for i, h in enumerate(self.heads):
+            if not (0 <= h.layer < m.n_layer and 0 <= h.head < m.n_head):
+                raise HeadmapError(
+                    f"headmap: heads[{i}] = (layer {h.layer}, head {h.head}) is outside the "
+                    f"model ({m.n_layer} layers x {m.n_head} heads)"
+                )
+            if (h.layer, h.head) in seen:
+                raise HeadmapError(f"headmap: heads[{i}] repeats (layer {h.layer}, head {h.head})")
+            if not math.isfinite(h.score):
+                raise HeadmapError(f"headmap: heads[{i}].score is not finite")
+            seen.add((h.layer, h.head))
+        if any(a.score < b.score for a, b in zip(self.heads, self.heads[1:], strict=False)):
+            raise HeadmapError("headmap: 'heads' must be sorted best first (score descending)")
+        if self.scores is not None:
+            s = np.asarray(self.scores, dtype=float)
+            if s.shape != (m.n_layer, m.n_head) or not np.all(np.isfinite(s)):
+                raise HeadmapError(
+                    f"headmap: 'scores' must be a finite {m.n_layer} x {m.n_head} matrix, "
+                    f"got shape {s.shape}"
+                )
+
+    @classmethod
+    def from_json(cls, data: dict | str) -> Headmap:
+        if isinstance(data, str):
+            data = json.loads(data)
+        v = _need(data, "version", int, "")
+        if v != VERSION:
+            raise HeadmapError(
+                f"headmap: version {v} is not supported (this llama-steer reads {VERSION})"
+            )
+        m = _need(data, "model", dict, "")
+        model = ModelIdentity(
+            architecture=_need(m, "architecture", str, "model."),
+            n_layer=_need(m, "n_layer", int, "model."),
+            n_head=_need(m, "n_head", int, "model."),
+            n_head_kv=_need(m, "n_head_kv", int, "model."),
+            fingerprint=m.get("fingerprint", ""),
+            name=m.get("name", ""),
+        )
+        heads = []
+        for i, h in enumerate(_need(data, "heads", list, "")):
+            where = f"heads[{i}]."
+            heads.append(
+                HeadScore(
+                    _need(h, "layer", int, where),
+                    _need(h, "head", int, where),
+                    float(_need(h, "score", (int, float), where)),
+                )
+            )
+        return cls(
+            model=model,
+            heads=heads,
+            method=data.get("method") or {},
+            scores=data.get("scores"),
+            defaults=data.get("defaults") or {},
+            version=v,
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "model": asdict(self.model),
+            "method": self.method,
+            "heads": [asdict(h) for h in self.heads],
+            "scores": self.scores,
+            "defaults": self.defaults,
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> Headmap:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise HeadmapError(f"cannot read headmap {path}: {e.strerror}") from None
+        try:
+            return cls.from_json(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise HeadmapError(f"headmap {path} is not JSON: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    # -- head sets --------------------------------------------------------------------------
+    def top(self, k: int) -> list[tuple[int, int]]:
+        self._check_k(k)
+        return [(h.layer, h.head) for h in self.heads[:k]]
+
+    def bottom(self, k: int) -> list[tuple[int, int]]:
+        """The k lowest-scored heads of the full matrix (or of the ranked list)."""
+        self._check_k(k)
+        return [(h.layer, h.head) for h in self._all_ranked()[-k:]]
+
+    def random(
+        self, k: int, seed: int = 0, exclude_top: int | None = None
+    ) -> list[tuple[int, int]]:
+        """k heads drawn at random (seeded) from those outside the top ``exclude_top``
+        (default: k), the paper's "random heads" control."""
+        self._check_k(k)
+        ranked = self._all_ranked()
+        skip = {(h.layer, h.head) for h in ranked[: (k if exclude_top is None else exclude_top)]}
+        pool = [(h.layer, h.head) for h in ranked if (h.layer, h.head) not in skip]
+        if len(pool) < k:
+            raise HeadmapError(f"only {len(pool)} heads outside the top set: cannot draw {k}")
+        rng = np.random.default_rng(seed)
+        return [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
+
+    def _all_ranked(self) -> list[HeadScore]:
+        if self.scores is None:
+            return list(self.heads)
+        s = np.asarray(self.scores, dtype=float)
+        order = np.argsort(-s, axis=None, kind="stable")
+        L, H = s.shape
+        return [HeadScore(int(i // H), int(i % H), float(s.flat[i])) for i in order]
+
+    def _check_k(self, k: int) -> None:
+        n = len(self._all_ranked())
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise HeadmapError(f"top_k={k!r}: choose 1..{n} (heads in this headmap)")
+
+    # -- model check ------------------------------------------------------------------------
+    def check_model(self, gguf: str | Path, strict: bool = True) -> list[str]:
+        """Refuse a headmap whose n_layer/n_head differ from the GGUF's; return warnings
+        (a different fingerprint: same shape, other weights). ``strict`` turns those into
+        errors too."""
+        other = ModelIdentity.of_gguf(gguf)
+        m = self.model
+        if (m.n_layer, m.n_head) != (other.n_layer, other.n_head):
+            raise HeadmapError(
+                f"this headmap is for a model with {m.n_layer} layers x {m.n_head} heads "
+                f"({m.architecture}{', ' + m.name if m.name else ''}), but {gguf} has "
+                f"{other.n_layer} x {other.n_head} ({other.architecture}): score heads for "
+                "this model with `llama-steer score`, or convert a headmap made for it"
+            )
+        warnings = []
+        if m.fingerprint and m.fingerprint != other.fingerprint:
+            msg = (
+                f"this headmap was scored on a different GGUF of the same shape "
+                f"(fingerprint {m.fingerprint[:12]}... vs {other.fingerprint[:12]}...): "
+                "heads may not transfer"
+            )
+            if strict:
+                raise HeadmapError(msg + "; pass strict=False to use it anyway")
+            warnings.append(msg)
+        return warnings

@@ -1,0 +1,150 @@
+"""Headmap schema (round trip, named errors, model checks) and the CLI on the real runtime."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import PROMPT
+
+from llama_steer import Steering, SteeringError
+from llama_steer.cli import CliError, parse_heads, parse_schedule
+from llama_steer.headmap import HeadScore, Headmap, HeadmapError, ModelIdentity
+
+GEMMA = ModelIdentity("gemma3", 18, 4, 1)
+
+
+def headmap(**kw):
+    rng = np.random.default_rng(0)
+    scores = rng.random((18, 4))
+    order = np.argsort(-scores, axis=None)
+    heads = [HeadScore(int(i // 4), int(i % 4), float(scores.flat[i])) for i in order[:20]]
+    args = dict(
+        model=GEMMA,
+        heads=heads,
+        method={"name": "test"},
+        scores=scores.tolist(),
+        defaults={"top_k": 5, "mode": "bias", "strength": 4.0},
+    )
+    args.update(kw)
+    return Headmap(**args)
+
+
+def test_round_trip_and_head_sets(tmp_path):
+    hm = headmap()
+    hm.save(tmp_path / "h.json")
+    again = Headmap.load(tmp_path / "h.json")
+    assert again == hm
+    assert Headmap.from_json(json.dumps(hm.to_json())) == hm
+    assert hm.top(3) == [(h.layer, h.head) for h in hm.heads[:3]]
+    s = np.asarray(hm.scores)
+    worst = {(int(i // 4), int(i % 4)) for i in np.argsort(s, axis=None)[:4]}
+    assert set(hm.bottom(4)) == worst
+    rnd = hm.random(5, seed=1)
+    assert len(set(rnd)) == 5 and not set(rnd) & set(hm.top(5))
+    assert rnd == hm.random(5, seed=1) and rnd != hm.random(5, seed=2)
+
+
+@pytest.mark.parametrize(
+    "mutate,msg",
+    [
+        (lambda d: d.pop("version"), "missing key 'version'"),
+        (lambda d: d.update(version=9), "version 9 is not supported"),
+        (lambda d: d["model"].pop("n_head"), "missing key model.'n_head'"),
+        (lambda d: d["model"].update(n_layer="18"), "model.'n_layer' must be int"),
+        (lambda d: d["heads"][2].pop("score"), r"heads\[2\].'score'"),
+        (lambda d: d["heads"][0].update(layer=18), r"heads\[0\] = \(layer 18, head"),
+        (lambda d: d["heads"].append(dict(d["heads"][0])), "repeats"),
+        (lambda d: d["heads"].reverse(), "sorted best first"),
+        (lambda d: d.update(scores=[[0.0] * 4] * 3), "18 x 4 matrix"),
+    ],
+)
+def test_bad_headmaps_name_the_key(mutate, msg):
+    d = headmap().to_json()
+    mutate(d)
+    with pytest.raises(HeadmapError, match=msg):
+        Headmap.from_json(d)
+
+
+def test_headmap_for_another_model_is_refused(gemma_path, tmp_path, make_llm):
+    other = headmap(
+        model=ModelIdentity("qwen2vl", 6, 8, 2), heads=[HeadScore(1, 2, 0.5)], scores=None
+    )
+    with pytest.raises(HeadmapError, match=r"6 layers x 8 heads .* has 18 x 4"):
+        other.check_model(gemma_path)
+    same_shape = headmap(model=ModelIdentity("gemma3", 18, 4, 1, fingerprint="0" * 64))
+    with pytest.raises(HeadmapError, match="different GGUF"):
+        same_shape.check_model(gemma_path)
+    assert same_shape.check_model(gemma_path, strict=False)  # a warning, not an error
+    exact = headmap(model=ModelIdentity.of_gguf(gemma_path))
+    assert exact.check_model(gemma_path) == []
+    exact.save(tmp_path / "g.json")
+    steer = Steering(
+        headmap=str(tmp_path / "g.json"),
+        roi="text:'Mary lives in Madrid.'",
+        mode="bias",
+        strength=-10.0,
+    )
+    assert steer.heads == tuple(exact.top(5))  # the headmap's recommended top_k
+    make_llm(steer)
+    other.save(tmp_path / "o.json")
+    with pytest.raises(HeadmapError, match="6 layers x 8 heads"):
+        make_llm(Steering(headmap=str(tmp_path / "o.json"), top_k=1, roi="text:'Mary'"))
+
+
+def test_cli_parsers():
+    assert parse_heads("all") == "all"
+    assert parse_heads("L0H3,l2h1") == [(0, 3), (2, 1)]
+    assert parse_heads("0:3, 2:1") == [(0, 3), (2, 1)]
+    with pytest.raises(CliError, match="L0H3"):
+        parse_heads("zero")
+    assert parse_schedule("0:panel:1/6,12:panel:4/6") == [(0, "panel:1/6"), (12, "panel:4/6")]
+    assert parse_schedule("0:box:1,2,30,40,5:left") == [(0, "box:1,2,30,40"), (5, "left")]
+    assert parse_schedule("0:3:7,20:25;9:left") == [(0, "3:7,20:25"), (9, "left")]
+    with pytest.raises(CliError, match="must increase"):
+        parse_schedule("5:left,2:right")
+    with pytest.raises(SteeringError, match="panel 9 does not exist"):
+        parse_schedule("0:panel:9/6")
+
+
+def cli(*args, **kw):
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    return subprocess.run(
+        [sys.executable, "-m", "llama_steer.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        **kw,
+    )
+
+
+def test_cli_steers_a_text_model_and_fails_usefully(gemma_path):
+    base = cli("-m", gemma_path, "-p", PROMPT, "-n", "4", "-t", "2")
+    assert base.returncode == 0, base.stderr
+    assert base.stdout.strip().startswith("Madrid")
+    steered = cli(
+        "-m",
+        gemma_path,
+        "-p",
+        PROMPT,
+        "-n",
+        "4",
+        "-t",
+        "2",
+        "--mode",
+        "bias",
+        "--roi",
+        "text:'Mary lives in Madrid.'",
+        "--strength",
+        "-10",
+    )
+    assert steered.returncode == 0, steered.stderr
+    assert steered.stdout.strip().startswith("Berlin")
+    bad = cli("-m", gemma_path, "-p", PROMPT, "--roi", "text:'Paris'", "--mode", "bias")
+    assert bad.returncode == 2 and "'Paris' is not in the prompt" in bad.stderr
+    assert cli("-m", "/nonexistent.gguf", "-p", "x").returncode == 2
+    img = cli("-m", gemma_path, "--image", "x.png", "-p", "x")
+    assert img.returncode == 2 and "--image needs --mmproj" in img.stderr
