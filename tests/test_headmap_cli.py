@@ -11,7 +11,7 @@ from conftest import PROMPT
 
 from llama_steer import Steering, SteeringError
 from llama_steer.cli import CliError, parse_heads, parse_schedule
-from llama_steer.headmap import HeadScore, Headmap, HeadmapError, ModelIdentity
+from llama_steer.headmap import Headmap, HeadmapError, HeadScore, ModelIdentity
 
 GEMMA = ModelIdentity("gemma3", 18, 4, 1)
 
