@@ -40,6 +40,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-t", "--threads", type=int, default=None)
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--chat-format",
+        help="llama-cpp-python chat format when the GGUF has no template (e.g. gemma, chatml)",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="llama.cpp's logs on stderr")
 
 
@@ -164,6 +168,7 @@ def load(args, steering):
     llm = Llama(
         model_path=model,
         chat_handler=handler,
+        chat_format=args.chat_format,
         steering=steering,
         n_ctx=args.ctx_size,
         n_threads=args.threads,

@@ -269,7 +269,7 @@ class Steering:
                 "(normalised to (s - mean)/std and scaled by strength), or a Saliency roi"
             )
         has_image = any(isinstance(t, IMAGE_TARGETS) for t in cfg["roi"])
-        if mode == "redirect" and not cfg["domain"] and not has_image:
+        if mode == "redirect" and cfg["roi"] and not cfg["domain"] and not has_image:
             raise SteeringError(
                 "mode='redirect' needs domain=: the cells to suppress while the ROI is "
                 "boosted (e.g. domain=Text('<all the facts>')); image targets default to "
