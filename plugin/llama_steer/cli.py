@@ -299,7 +299,11 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-    commands = {"chat": "llama_steer.chat", "demo": "llama_steer.demo"}
+    commands = {
+        "chat": "llama_steer.chat",
+        "demo": "llama_steer.demo",
+        "score": "llama_steer.score",
+    }
     try:
         if argv and argv[0] in commands:
             import importlib

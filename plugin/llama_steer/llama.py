@@ -456,40 +456,23 @@ class Llama(llama_cpp.Llama):
             raise SteeringError("attention_to() needs a target (or a Steering with an roi)")
         seq = self._steer_seq()
         cells, _ = resolve(targets, seq)
-        region = np.full(int(seq.cell_of_pos[-1]) + 1, -1, dtype=np.int16)
+        region = np.full(seq.n_cells, -1, dtype=np.int16)
         region[cells] = 0
-        obs_layers = np.ones(hook.n_layer, dtype=bool)
-        heads, bias, tail, phases = st._published
         last = int(self.input_ids[self.n_tokens - 1])
         phase = self._steer_last_phase
 
-        def re_eval(observe: bool, edit: bool) -> None:
-            with st._lock:
-                hook.set_config(
-                    heads if edit else None,
-                    bias,
-                    tail=tail,
-                    phases=phases,
-                    region=region if observe else None,
-                    n_regions=1,
-                    obs_layers=obs_layers if observe else None,
-                )
-                st._edits = edit and st._key is not None
+        def re_eval() -> None:
+            # the last token again, in the phase it was made in: same cell, same K/V
             self.n_tokens -= 1
             self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
             self._steer_next_phase = phase
             self.eval([last])
 
-        try:
-            re_eval(observe=True, edit=steered)
+        with st._observing(region, 1, _native.ROWS_LAST, edit=steered):
+            re_eval()
             obs, rows = hook.read_obs(reset=True)
-        finally:
-            # put the config back and, if the readout changed the last cell, recompute it
-            if not steered:
-                re_eval(observe=False, edit=True)
-            with st._lock:
-                hook.set_config(heads, bias, tail=tail, phases=phases)
-                st._edits = st._key is not None
+        if not steered:
+            re_eval()  # put back the steered K/V of the last cell
         if not np.all(rows == 1):
             raise SteeringError("the observer did not see every layer's attention")
         return obs[:, :, 0].copy()

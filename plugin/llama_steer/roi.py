@@ -325,6 +325,12 @@ class Seq:
     cell_of_pos: np.ndarray  # (n_pos,) int64
     images: list[ImageSpan] = field(default_factory=list)
 
+    @property
+    def n_cells(self) -> int:
+        """KV cells the sequence occupies (an image ending it counts all its tokens)."""
+        n = int(self.cell_of_pos[-1]) + 1 if len(self.cell_of_pos) else 0
+        return max([n] + [im.first_cell + im.grid.n_tokens for im in self.images])
+
     @classmethod
     def text_only(cls, tokens: Sequence[int], pieces: Sequence[bytes]) -> Seq:
         return cls(tokens, pieces, np.arange(len(tokens), dtype=np.int64), [])

@@ -17,6 +17,7 @@ recorded it (text tokens, and images with their first cell and token grid).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
@@ -97,6 +98,8 @@ class Steering:
         self._phases = 0
         self._cfg: dict = {}
         self._published: tuple | None = None
+        self._observer: dict = {}  # observer part of the native config (see _observing)
+        self._edit_on = True
         self._validate_and_set(
             dict(
                 heads=heads,
@@ -372,9 +375,9 @@ class Steering:
             if not self._cfg["decode_only"]:
                 phases |= _native.PHASE_PREFILL
             edits = bool(heads.any()) and (bool(np.any(bias != 0)) or tail != 0.0)
-            self._hook.set_config(heads, bias, tail=tail, phases=phases)
             self._published = (heads, bias, tail, phases)
             self._edits = edits
+            self._apply()
             self._phases = phases
             if edits:
                 hsh = hashlib.sha1()
@@ -384,6 +387,37 @@ class Steering:
             else:
                 self._key = None
 
+    def _apply(self) -> None:
+        """Send the published edit and the current observer to the hook."""
+        heads, bias, tail, phases = self._published
+        self._hook.set_config(
+            heads if self._edit_on else None, bias, tail=tail, phases=phases, **self._observer
+        )
+
+    @contextlib.contextmanager
+    def _observing(self, region: np.ndarray, n_regions: int, rows: int, edit: bool = True):
+        """Within the block the hook also sums attention per region (region id per KV cell,
+        int16, -1 = none) over every layer; ``edit=False`` turns the edits off meanwhile."""
+        hook = self._hook
+        with self._lock:
+            self._observer = dict(
+                region=region,
+                n_regions=n_regions,
+                obs_layers=np.ones(hook.n_layer, dtype=bool),
+                obs_rows=rows,
+            )
+            self._edit_on = edit
+            if self._published is not None:
+                self._apply()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._observer = {}
+                self._edit_on = True
+                if self._published is not None:
+                    self._apply()
+
     def _key_for(self, phase: int) -> str | None:
         """What a cell evaluated now in ``phase`` is computed under (None = unedited)."""
-        return self._key if (self._edits and self._phases & phase) else None
+        return self._key if (self._edits and self._edit_on and self._phases & phase) else None
