@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from conftest import PROMPT
 
 from llama_steer import Steering, SteeringError
 from llama_steer.cli import CliError, parse_heads, parse_schedule
-from llama_steer.headmap import Headmap, HeadmapError, HeadScore, ModelIdentity
+from llama_steer.headmap import Headmap, HeadmapError, HeadScore, ModelIdentity, convert
 
 GEMMA = ModelIdentity("gemma3", 18, 4, 1)
 
@@ -148,3 +149,60 @@ def test_cli_steers_a_text_model_and_fails_usefully(gemma_path):
     assert cli("-m", "/nonexistent.gguf", "-p", "x").returncode == 2
     img = cli("-m", gemma_path, "--image", "x.png", "-p", "x")
     assert img.returncode == 2 and "--image needs --mmproj" in img.stderr
+
+
+def run_convert(*args):
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_headmap.py")
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+
+
+def test_convert_every_input_format(gemma_path, tmp_path):
+    ranking = [
+        {"layer": 3, "head": 1, "score": 0.9},
+        {"layer": 0, "head": 2, "score": 0.5},
+        {"layer": 17, "head": 3, "score": 0.7},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps(ranking))
+    (tmp_path / "r.csv").write_text("layer,head,score\n3,1,0.9\n0,2,0.5\n17,3,0.7\n")
+    (tmp_path / "r.txt").write_text("L3H1 L17H3\nL0H2\n")
+    m = np.zeros((18, 4))
+    m[3, 1], m[17, 3], m[0, 2] = 0.9, 0.7, 0.5
+    np.save(tmp_path / "r.npy", m)
+    for name in ("r.json", "r.csv", "r.txt", "r.npy"):
+        out = tmp_path / (name + ".hm.json")
+        r = run_convert(str(tmp_path / name), "--model", gemma_path, "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        hm = Headmap.load(out)
+        assert hm.top(3) == [(3, 1), (17, 3), (0, 2)], name
+        assert hm.model == ModelIdentity.of_gguf(gemma_path)
+        assert hm.check_model(gemma_path) == []
+    trimmed = convert(tmp_path / "r.json", model=gemma_path, top_k=2)
+    assert trimmed.top(2) == [(3, 1), (17, 3)] and len(trimmed.heads) == 2
+    (tmp_path / "b.json").write_text(json.dumps([{"layer": 0, "head": 2, "score": 2.0}]))
+    merged = convert(tmp_path / "r.json", model=gemma_path, merge=tmp_path / "b.json")
+    assert merged.top(1) == [(0, 2)]  # (0.5/0.9 + 1)/2 beats 0.9/0.9/2
+
+
+@pytest.mark.parametrize(
+    "content,name,msg",
+    [
+        ('[{"layer": 18, "head": 0, "score": 1}]', "x.json", r"outside the model \(18 layers x 4"),
+        ("L1H9", "x.txt", "outside the model"),
+        ("layer,head\n1,x\n", "x.csv", "must be numbers"),
+        ("hello", "x.txt", "cannot read 'hello'"),
+        ('[{"head": 1}]', "x.json", "needs integer 'layer'"),
+    ],
+)
+def test_convert_refuses_inconsistent_input(gemma_path, tmp_path, content, name, msg):
+    (tmp_path / name).write_text(content)
+    r = run_convert(str(tmp_path / name), "--model", gemma_path, "-o", str(tmp_path / "o.json"))
+    assert r.returncode == 2 and re.search(msg, r.stderr), r.stderr
+
+
+def test_convert_needs_the_model_for_lists_and_matching_matrices(gemma_path, tmp_path):
+    (tmp_path / "r.txt").write_text("L1H1")
+    with pytest.raises(HeadmapError, match="pass --model"):
+        convert(tmp_path / "r.txt")
+    np.save(tmp_path / "m.npy", np.zeros((6, 8)))
+    with pytest.raises(HeadmapError, match="6 x 8 but .* has 18 layers x 4 heads"):
+        convert(tmp_path / "m.npy", model=gemma_path)

@@ -255,3 +255,145 @@ class Headmap:
                 raise HeadmapError(msg + "; pass strict=False to use it anyway")
             warnings.append(msg)
         return warnings
+
+
+# -- conversion ----------------------------------------------------------------------------
+def _read_ranked(path: Path) -> tuple[list[tuple[int, int, float]], np.ndarray | None]:
+    """(layer, head, score) triples from a ranking file, or a score matrix from .npy."""
+    import csv
+    import re
+
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        m = np.load(path)
+        if m.ndim != 2 or not np.all(np.isfinite(m)):
+            raise HeadmapError(
+                f"{path}: a score matrix must be a finite 2-D array (layers x heads)"
+            )
+        return [], m.astype(float)
+    text = path.read_text()
+    if suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows or not {"layer", "head"} <= set(rows[0]):
+            raise HeadmapError(f"{path}: a CSV needs a header with layer,head[,score]")
+        out = []
+        for i, r in enumerate(rows, 2):
+            try:
+                score = float(r["score"]) if r.get("score") not in (None, "") else None
+                out.append((int(r["layer"]), int(r["head"]), score))
+            except ValueError:
+                raise HeadmapError(f"{path}:{i}: layer/head/score must be numbers") from None
+        return out, None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and "heads" in data and "version" not in data:
+        data = data["heads"]
+    if isinstance(data, list) and all(isinstance(x, dict) for x in data):
+        out = []
+        for i, x in enumerate(data):
+            score = x.get("score", x.get("gaze_score"))
+            try:
+                out.append(
+                    (int(x["layer"]), int(x["head"]), None if score is None else float(score))
+                )
+            except (KeyError, TypeError, ValueError):
+                raise HeadmapError(f"{path}: item {i} needs integer 'layer' and 'head'") from None
+        return out, None
+    items = data if isinstance(data, list) else re.split(r"[\s,]+", text.strip())
+    out = []
+    for item in items:
+        m = re.fullmatch(r"[lL](\d+)[hH](\d+)", str(item).strip())
+        if not m:
+            raise HeadmapError(
+                f"{path}: cannot read {item!r}; expected a ranking JSON list of "
+                "{layer, head, score}, a CSV, L20H3-style names, or a .npy matrix"
+            )
+        out.append((int(m.group(1)), int(m.group(2)), None))
+    return out, None
+
+
+def convert(
+    source: str | Path,
+    model: str | Path | None = None,
+    top_k: int | None = None,
+    merge: str | Path | None = None,
+    method: dict | None = None,
+) -> Headmap:
+    """A Headmap from another format (see scripts/convert_headmap.py), checked against the
+    GGUF ``model`` when given (required for lists, whose files do not name the model)."""
+    path = Path(source)
+    if not path.exists():
+        raise HeadmapError(f"{path}: no such file")
+    if path.suffix.lower() == ".json" and '"version"' in path.read_text()[:200]:
+        hm = Headmap.load(path)
+        if model is not None:
+            hm.check_model(model, strict=False)
+            hm = Headmap(ModelIdentity.of_gguf(model), hm.heads, hm.method, hm.scores, hm.defaults)
+    else:
+        triples, matrix = _read_ranked(path)
+        ident = ModelIdentity.of_gguf(model) if model is not None else None
+        if matrix is not None:
+            if ident is None:
+                raise HeadmapError(f"{path}: pass --model model.gguf (the GGUF it scores)")
+            if matrix.shape != (ident.n_layer, ident.n_head):
+                raise HeadmapError(
+                    f"{path}: matrix is {matrix.shape[0]} x {matrix.shape[1]} but {model} has "
+                    f"{ident.n_layer} layers x {ident.n_head} heads"
+                )
+            order = np.argsort(-matrix, axis=None, kind="stable")
+            H = matrix.shape[1]
+            heads = [HeadScore(int(i // H), int(i % H), float(matrix.flat[i])) for i in order]
+            scores = matrix.tolist()
+        else:
+            if ident is None:
+                raise HeadmapError(
+                    f"{path} does not say which model it is for: pass --model model.gguf"
+                )
+            if not triples:
+                raise HeadmapError(f"{path}: no heads in it")
+            n = len(triples)
+            # unscored lists are ranked: score by rank (1 for the best, down to 1/n)
+            full = [
+                (ly, hd, s if s is not None else (n - i) / n)
+                for i, (ly, hd, s) in enumerate(triples)
+            ]
+            full.sort(key=lambda t: -t[2])
+            heads = [HeadScore(ly, hd, float(s)) for ly, hd, s in full]
+            scores = None
+        hm = Headmap(
+            ident,
+            heads,
+            dict(method or {}, converted_from=path.name),
+            scores,
+            {"top_k": min(10, len(heads)), "mode": "redirect", "strength": 8.0},
+        )
+    if merge is not None:
+        other = convert(merge, model=model)
+        if (other.model.n_layer, other.model.n_head) != (hm.model.n_layer, hm.model.n_head):
+            raise HeadmapError(f"cannot merge {merge}: it is for another model shape")
+
+        def norm(h: Headmap) -> dict:
+            top = max((abs(x.score) for x in h.heads), default=1.0) or 1.0
+            return {(x.layer, x.head): x.score / top for x in h.heads}
+
+        a, b = norm(hm), norm(other)
+        keys = set(a) | set(b)
+        merged = sorted(
+            ((k, (a.get(k, 0.0) + b.get(k, 0.0)) / 2) for k in keys), key=lambda t: -t[1]
+        )
+        hm = Headmap(
+            hm.model,
+            [HeadScore(k[0], k[1], s) for k, s in merged],
+            dict(hm.method, merged_with=Path(merge).name),
+            None,
+            hm.defaults,
+        )
+    if top_k is not None:
+        if not 1 <= top_k <= len(hm.heads):
+            raise HeadmapError(f"--top-k {top_k}: the map has {len(hm.heads)} heads")
+        hm = Headmap(
+            hm.model, hm.heads[:top_k], hm.method, hm.scores, dict(hm.defaults, top_k=top_k)
+        )
+    return hm
