@@ -46,3 +46,19 @@ def make_llm(gemma_path):
     yield make
     for llm in made:
         llm.close()
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """(model, mmproj) of the embedded VLM; LLAMA_STEER_ORGANISM_DIR overrides the package's."""
+    from pathlib import Path
+
+    import llama_steer
+
+    d = Path(
+        os.environ.get("LLAMA_STEER_ORGANISM_DIR") or Path(llama_steer.__file__).parent / "models"
+    )
+    pair = (d / "organism-f16.gguf", d / "mmproj-organism-f16.gguf")
+    if not all(p.exists() for p in pair):
+        pytest.skip(f"the embedded VLM is not in {d}")
+    return tuple(str(p) for p in pair)

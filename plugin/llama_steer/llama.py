@@ -279,11 +279,17 @@ class Llama(llama_cpp.Llama):
             )
 
     # -- sequence and cells -----------------------------------------------------------------
-    def _steer_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+    def _steer_pieces(self, tokens: Sequence[int], skip=()) -> list[bytes]:
+        """Text of each token; b"" at positions in ``skip`` (images: llama-cpp-python leaves
+        whatever was there in input_ids) and for ids outside the vocabulary."""
         vocab = self._model.vocab
+        n_vocab = self.n_vocab()
         buf = ctypes.create_string_buffer(256)
         out = []
-        for t in tokens:
+        for i, t in enumerate(tokens):
+            if i in skip or not 0 <= int(t) < n_vocab:
+                out.append(b"")
+                continue
             n = _lc.llama_token_to_piece(vocab, int(t), buf, len(buf), 0, False)
             out.append(bytes(buf.raw[: max(n, 0)]))
         return out
@@ -292,12 +298,11 @@ class Llama(llama_cpp.Llama):
         """The Seq of a prompt of ``tokens`` (positions) holding ``images``."""
         tokens = [int(t) for t in tokens]
         n = len(tokens)
-        pieces = self._steer_pieces(tokens)
+        in_image = {p for im in images for p in range(im.first_pos, im.first_pos + im.n_pos)}
+        pieces = self._steer_pieces(tokens, skip=in_image)  # image positions carry no text
         cell = np.arange(n, dtype=np.int64)
         for im in images:
             a, b = im.first_pos, min(im.first_pos + im.n_pos, n)
-            for p in range(a, b):
-                pieces[p] = b""  # image positions carry no text
             cell[a:b] = im.first_cell + np.arange(b - a)
             cell[im.first_pos + im.n_pos :] += im.grid.n_tokens - im.n_pos
         return Seq(tokens, pieces, cell, list(images))

@@ -1,0 +1,167 @@
+"""Image steering on the embedded Qwen2-VL organism through llama-cpp-python's mtmd chat handler.
+
+The KV bookkeeping is proved with a canary: with every computed image cell suppressed in every
+head (-1e4, so softmax gives them exactly 0), the text after the image cannot see the image,
+so two different images give bit-identical logits; leave one image cell out and they differ.
+"""
+
+import base64
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from llama_steer import ImageTokens, Llama, Panel, Steering, comics
+from llama_steer.score import StripPrompter, score_strip
+
+
+def uri(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+
+
+def msg(imgs, text):
+    parts = [{"type": "image_url", "image_url": {"url": uri(i)}} for i in imgs]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+@pytest.fixture
+def vlm(organism):
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    made = []
+
+    def make(steering=None, cls=Llama, **kw):
+        handler = MTMDChatHandler(clip_model_path=organism[1], verbose=False)
+        kw = dict(n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kw)
+        if cls is Llama:
+            kw["steering"] = steering
+        llm = cls(model_path=organism[0], chat_handler=handler, **kw)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.close()
+
+
+def last_logits(llm, messages) -> np.ndarray:
+    llm.create_chat_completion(messages, max_tokens=1, temperature=0)
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+
+
+@pytest.mark.parametrize("layout", ["2x3", "1x6"])
+def test_image_cells_canary(vlm, layout):
+    a, b = (comics.render(comics.make_strip(s, layout)) for s in (11, 12))
+    steer = Steering(heads="all", roi=ImageTokens(0, 53), mode="bias", strength=-1e4)
+    llm = vlm(steer)
+    q = "What is in panel 3?"
+    la, lb = last_logits(llm, [msg([a], q)]), last_logits(llm, [msg([b], q)])
+    (span,) = llm.images
+    assert span.grid.n_tokens == 54 and span.grid.align > 0  # grid from the mmproj == mtmd's
+    np.testing.assert_array_equal(la, lb)  # the image is invisible: exactly the same logits
+    steer.update(roi=ImageTokens(1, 53))  # one image cell left visible
+    la, lb = last_logits(llm, [msg([a], q)]), last_logits(llm, [msg([b], q)])
+    assert np.abs(la - lb).max() > 1e-4
+
+
+def test_canary_with_two_images_and_two_turns(vlm):
+    s = [comics.render(comics.make_strip(n, "2x3")) for n in (21, 22, 23)]
+    steer = Steering(heads="all", roi="image1:0:53+image2:0:53", mode="bias", strength=-1e4)
+    llm = vlm(steer)
+    history = [msg([s[0]], "What is in panel 1?"), {"role": "assistant", "content": "a red star"}]
+    turn_a = history + [msg([s[1]], "What is in panel 2?")]
+    turn_b = history[:0] + [msg([s[2]], "What is in panel 1?"), history[1], turn_a[2]]
+    la, lb = last_logits(llm, turn_a), last_logits(llm, turn_b)
+    first, second = llm.images
+    assert second.first_cell > first.first_cell + first.grid.n_tokens  # text between them
+    np.testing.assert_array_equal(la, lb)
+    steer.update(roi="image1:0:53")  # the second image is visible again
+    la, lb = (
+        last_logits(llm, turn_a),
+        last_logits(llm, [turn_a[0], turn_a[1], msg([s[2]], "What is in panel 2?")]),
+    )
+    assert np.abs(la - lb).max() > 1e-4
+
+
+def test_strength_zero_is_the_unsteered_model_token_for_token(vlm):
+    plain = vlm(cls=llama_cpp.Llama)
+    zero = vlm(Steering(heads="all", roi=Panel(4, grid=(2, 3)), mode="redirect", strength=0.0))
+    for seed in (31, 32, 33):
+        m = [msg([comics.render(comics.make_strip(seed, "2x3"))], "Describe the strip.")]
+        a = plain.create_chat_completion(m, max_tokens=40, temperature=0)
+        b = zero.create_chat_completion(m, max_tokens=40, temperature=0)
+        assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+    assert zero.steering.stats().n_kq_edited == 0
+
+
+@pytest.mark.parametrize(
+    "size", [(252, 168), (504, 84), (224, 224), (300, 130), (97, 211), (640, 480)]
+)
+def test_mmproj_geometry_matches_mtmd(vlm, size):
+    from PIL import Image
+
+    llm = vlm(Steering(heads="all", roi="center", mode="bias", strength=1.0))
+    img = Image.new("RGB", size, (200, 180, 160))
+    llm.create_chat_completion([msg([img], "What objects are in the image?")], max_tokens=1)
+    (span,) = llm.images
+    assert span.grid.align > 0, "the grid predicted from the mmproj disagreed with mtmd's"
+    assert llm.steering.stats().n_kq_edited > 0
+
+
+def test_retarget_while_streaming(vlm):
+    steer = Steering(
+        heads="all", roi=Panel(1, grid=(2, 3)), mode="redirect", strength=4.0, decode_only=True
+    )
+    llm = vlm(steer)
+    m = [msg([comics.render(comics.make_strip(41, "2x3"))], "Describe the strip.")]
+    seen = []
+    for i, _chunk in enumerate(
+        llm.create_chat_completion(m, max_tokens=20, temperature=0, stream=True)
+    ):
+        if i == 3:
+            steer.retarget(Panel(5, grid=(2, 3)))
+        seen.append(steer._published[1].copy())
+    first, last = seen[1], seen[-1]
+    span = llm.images[0]
+    p1 = span.first_cell + np.array([0, 1, 2, 9, 10, 11, 18, 19, 20])
+    p5 = span.first_cell + np.array([30, 31, 32, 39, 40, 41, 48, 49, 50])
+    assert np.all(first[p1] == 4.0) and np.all(last[p5] == 4.0) and np.all(last[p1] == -4.0)
+
+
+def test_scores_equal_numpy_on_full_attention_rows(vlm):
+    """The scorer's per-panel sums equal NumPy sums over full attention rows (each cell its
+    own observer region), and the shared prefix equals six full prefills."""
+    from llama_steer import _native
+    from llama_steer.roi import resolve
+
+    llm = vlm(Steering(strength=0.0))
+    from llama_cpp.llama_chat_format import MTMDChatHandler  # noqa: F401
+
+    pr = StripPrompter(llm, llm.chat_handler)
+    desc = comics.make_strip(51, "2x3")
+    img = comics.render(desc)
+    answers = [p.thing.name for p in desc.panels]
+    shared = score_strip(pr, img, "2x3", ["last"], answers)
+    full = score_strip(pr, img, "2x3", ["last"], answers, shared_prefix=False)
+    np.testing.assert_allclose(shared, full, rtol=1e-4, atol=1e-6)
+    # full rows for panel 2's question, last prompt token
+    bitmap = pr.h._create_bitmap_from_bytes(comics.png_bytes(img))
+    items, handle = pr.chunks(bitmap, "What is in panel 2?")
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    img_at = [k for k, _ in items].index("image")
+    pr.eval_chunks(items[: img_at + 1])
+    seq = llm._steer_seq()
+    question = [t for k, x in items[img_at + 1 :] if k == "text" for t in x]
+    n_cells = seq.n_cells + len(question)
+    each = np.arange(n_cells, dtype=np.int16)
+    with llm.steering._observing(each, n_cells, _native.ROWS_LAST):
+        llm.eval(question)
+        rows, _ = llm._steer_hook.read_obs(reset=True)
+    pr.mt.mtmd_input_chunks_free(handle)
+    pr.mt.mtmd_bitmap_free(bitmap)
+    np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-4)  # full rows: distributions
+    for r in range(1, 7):
+        cells, _ = resolve((Panel(r, grid=(2, 3)),), seq)
+        want = rows[:, :, cells].sum(-1)
+        np.testing.assert_allclose(shared[0, :, :, 1, r - 1], want, rtol=1e-4, atol=1e-6)
