@@ -165,3 +165,17 @@ def test_scores_equal_numpy_on_full_attention_rows(vlm):
         cells, _ = resolve((Panel(r, grid=(2, 3)),), seq)
         want = rows[:, :, cells].sum(-1)
         np.testing.assert_allclose(shared[0, :, :, 1, r - 1], want, rtol=1e-4, atol=1e-6)
+
+
+def test_image_boost_raises_attention_to_the_image(vlm):
+    steer = Steering(heads="layers:1-3", mode="image-boost", strength=3.0)
+    llm = vlm(steer)
+    m = [msg([comics.render(comics.make_strip(61, "2x3"))], "What is in panel 2?")]
+    llm.create_chat_completion(m, max_tokens=1, temperature=0)
+    (span,) = llm.images
+    bias = steer._published[1]
+    assert np.all(bias[span.cells] == 3.0) and np.count_nonzero(bias) == 54
+    image = ImageTokens(0, 53)
+    boosted, plain = steer.attention_to(image), steer.attention_to(image, steered=False)
+    np.testing.assert_allclose(boosted[0], plain[0], rtol=1e-5)  # below the boosted layers
+    assert np.all(boosted[1:4] > plain[1:4])

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from llama_steer._errors import SteeringError
+from llama_steer.steering import MODES
 
 USAGE_ERROR, RUNTIME_ERROR = 2, 1
 
@@ -64,9 +65,11 @@ def add_steer_args(p: argparse.ArgumentParser) -> None:
         "panel:k@RxC, left|right|top|bottom|top-left|...|center, saliency:FILE, "
         'text:"...", joined with +; imageN: picks an image',
     )
-    g.add_argument("--mode", default="redirect", choices=["bias", "shift", "redirect", "emphasize"])
+    g.add_argument("--mode", default="redirect", choices=MODES)
     g.add_argument("--strength", type=float, default=4.0, help="logit units (0 = off)")
-    g.add_argument("--heads", default=None, help="all, or L0H3,L2H1 (layer/head, 0-based)")
+    g.add_argument(
+        "--heads", default=None, help="all, layers:A-B, or L0H3,L2H1 (layer/head, 0-based)"
+    )
     g.add_argument("--headmap", help="ranked heads JSON (list of {layer, head, score})")
     g.add_argument(
         "--top-k",
@@ -91,6 +94,8 @@ def parse_heads(spec: str | None):
     """--heads -> Steering(heads=...)."""
     if spec is None or spec == "all":
         return "all"
+    if re.fullmatch(r"layers:\d+(-\d+)?", spec):
+        return spec
     pairs = []
     for part in spec.split(","):
         m = re.fullmatch(r"\s*[lL](\d+)[hH](\d+)\s*", part) or re.fullmatch(
@@ -246,7 +251,7 @@ def make_steering(args):
         if args.headmap
         else dict(heads=parse_heads(args.heads))
     )
-    if roi is None:
+    if roi is None and args.mode != "image-boost":
         return Steering(strength=0.0, **heads), schedule
     return Steering(
         roi=roi, mode=args.mode, strength=args.strength, decode_only=args.decode_only, **heads

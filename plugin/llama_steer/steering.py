@@ -10,6 +10,8 @@ How a config becomes a native bias vector (logit units, one value per KV cell):
     redirect   b[domain] = -strength, b[target] = +strength   (the gaze-heads edit)
     emphasize  b[everything but target] = -strength          (PASTA: attention outside the
                target scaled by exp(-strength); strength 4.6 ~ PASTA's coefficient 0.01)
+    image-boost  b[every image token] = +strength             (PAI/VAF against "text inertia":
+               more attention to the image in the chosen heads; roi, if given, narrows it)
 
 Cells: targets resolve to KV cells through ``roi.resolve`` against the prompt as ``Llama``
 recorded it (text tokens, and images with their first cell and token grid).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import threading
 from typing import TYPE_CHECKING
 
@@ -32,7 +35,7 @@ from llama_steer.roi import IMAGE_TARGETS, Saliency, Seq, as_targets, domain_of,
 if TYPE_CHECKING:
     from llama_steer.llama import Llama
 
-MODES = ("bias", "shift", "redirect", "emphasize")
+MODES = ("bias", "shift", "redirect", "emphasize", "image-boost")
 # biases are finite and bounded so an edited row stays finite (no all -inf row, no NaN)
 MAX_STRENGTH = 1.0e4
 
@@ -234,10 +237,10 @@ class Steering:
             raise SteeringError("top_k= goes with headmap=: pass the headmap to rank heads by")
         heads = cfg["heads"]
         if isinstance(heads, str):
-            if heads != "all":
+            if heads != "all" and not re.fullmatch(r"layers:\d+(-\d+)?", heads):
                 raise SteeringError(
-                    f"heads={heads!r}: use 'all', a list of (layer, head) pairs, "
-                    "or a bool array (n_layer, n_head)"
+                    f"heads={heads!r}: use 'all', 'layers:A-B' (every head of layers A..B), "
+                    "a list of (layer, head) pairs, or a bool array (n_layer, n_head)"
                 )
         elif isinstance(heads, np.ndarray):
             if heads.ndim != 2:
@@ -304,8 +307,16 @@ class Steering:
     def _heads_mask(self) -> np.ndarray:
         L, H = self._hook.n_layer, self._hook.n_head
         heads = self._cfg["heads"]
-        if isinstance(heads, str):
+        if heads == "all":
             return np.ones((L, H), dtype=bool)
+        if isinstance(heads, str):  # layers:A-B
+            a, _, b = heads[7:].partition("-")
+            lo, hi = int(a), int(b or a)
+            if not 0 <= lo <= hi < L:
+                raise SteeringError(f"heads={heads!r}: the model has layers 0..{L - 1}")
+            m = np.zeros((L, H), dtype=bool)
+            m[lo : hi + 1] = True
+            return m
         if isinstance(heads, np.ndarray):
             if heads.shape != (L, H):
                 raise SteeringError(
@@ -326,8 +337,13 @@ class Steering:
         """(bias per cell float32 logit units, tail) for the current config and prompt."""
         c = self._cfg
         s = c["strength"]
-        cells, w_roi = resolve(c["roi"], seq)
         mode = c["mode"]
+        if mode == "image-boost" and not c["roi"]:
+            if not seq.images:
+                raise SteeringError("mode='image-boost' needs an image in the prompt")
+            cells, w_roi = np.unique(np.concatenate([im.cells for im in seq.images])), None
+        else:
+            cells, w_roi = resolve(c["roi"], seq)
         w = c["weights"] if c["weights"] is not None else w_roi
         if c["weights"] is not None and c["weights"].size != cells.size:
             raise SteeringError(
@@ -343,7 +359,7 @@ class Steering:
         bias = np.zeros(n, dtype=np.float64)
         if s == 0.0 or cells.size == 0:
             return bias.astype(np.float32), 0.0
-        if mode == "bias":
+        if mode in ("bias", "image-boost"):
             bias[cells] = s * (w if w is not None else 1.0)
         elif mode == "shift":
             sd = w.std()
