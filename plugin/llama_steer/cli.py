@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat": "llama_steer.chat",
         "demo": "llama_steer.demo",
         "score": "llama_steer.score",
+        "eval": "llama_steer.evaluate",
     }
     try:
         if argv and argv[0] in commands:

@@ -1,0 +1,499 @@
+"""``llama-steer eval``: does steering work on *my* model, with which heads, at what cost?
+
+    head_sets(spec, headmap) .. "top:10,random:10,bottom:10,all" -> {name: heads}
+    objects_in(text) .......... the vocabulary objects a reply names, in order (exact judge)
+    caption_judge ............. token-F1 overlap with per-panel captions (user folders)
+    Evaluator ................. one model + chat handler; runs the experiments:
+        narration   the ambiguous "What is in this panel?" steered to panels 2..6
+        vqa         "What is in panel i?" steered to a panel j != i
+        dynamic     "Describe the strip." with a derangement schedule switching every N
+                    tokens: per-segment accuracy, Spearman(schedule, described panel), and
+                    the panel the steered heads attend to at every token (staircase)
+        pope        yes/no object presence on scenes (random / popular / adversarial
+                    negatives): accuracy, precision, recall, F1, yes-ratio, unsteered vs
+                    image-boost
+    main() .................... the CLI: JSON report + PNG plots in an output folder
+
+Every accuracy comes with a 95% bootstrap interval. Targets showing the same object as the
+unsteered answer's panel are skipped (a correct steer could not change the text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from llama_steer import _native, comics
+from llama_steer._errors import SteeringError
+from llama_steer.metrics import bootstrap_ci, distinct_n, spearman
+
+_OBJ = re.compile(r"\b(" + "|".join(comics.COLOURS) + r")\s+(" + "|".join(comics.SHAPES) + r")\b")
+
+
+def objects_in(text: str) -> list[str]:
+    """'a red circle, then a blue square' -> ['a red circle', 'a blue square']."""
+    return [f"a {c} {s}" for c, s in _OBJ.findall(text.lower())]
+
+
+def caption_judge(answer: str, captions: list[str]) -> int:
+    """1-based panel whose caption overlaps the answer most (token F1), 0 when none does."""
+    a = Counter(re.findall(r"\w+", answer.lower()))
+    best, best_f1 = 0, 0.0
+    for k, cap in enumerate(captions, 1):
+        c = Counter(re.findall(r"\w+", cap.lower()))
+        common = sum((a & c).values())
+        if common == 0:
+            continue
+        p, r = common / sum(a.values()), common / sum(c.values())
+        f1 = 2 * p * r / (p + r)
+        if f1 > best_f1:
+            best, best_f1 = k, f1
+    return best
+
+
+def head_sets(spec: str, headmap, n_layer: int, n_head: int, seed: int = 0) -> dict:
+    """{"top:10": [(l, h), ...], "random:10": ..., "bottom:10": ..., "all": "all"}."""
+    out = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "all":
+            out[item] = "all"
+            continue
+        m = re.fullmatch(r"(top|random|bottom):(\d+)", item)
+        if not m:
+            raise SteeringError(f"head set {item!r}: use top:K, random:K, bottom:K or all")
+        if headmap is None:
+            raise SteeringError(f"head set {item!r} needs --headmap")
+        kind, k = m.group(1), int(m.group(2))
+        out[item] = {"top": headmap.top, "bottom": headmap.bottom}.get(kind, None)
+        out[item] = headmap.random(k, seed=seed) if kind == "random" else out[item](k)
+    return out
+
+
+def _uri(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+
+
+class Evaluator:
+    """Runs the experiments on one steering Llama with an mtmd chat handler."""
+
+    def __init__(self, llm, strength: float, decode_only: bool = True, max_tokens: int = 12):
+        self.llm, self.steer = llm, llm.steering
+        self.strength, self.decode_only, self.max_tokens = strength, decode_only, max_tokens
+
+    def ask(self, img, question: str, max_tokens: int | None = None) -> str:
+        m = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _uri(img)}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ]
+        out = self.llm.create_chat_completion(
+            m, max_tokens=max_tokens or self.max_tokens, temperature=0
+        )
+        return out["choices"][0]["message"]["content"].strip()
+
+    def _steer(self, heads, roi) -> None:
+        self.steer.update(
+            heads=heads,
+            roi=roi,
+            mode="redirect",
+            strength=self.strength,
+            decode_only=self.decode_only,
+        )
+
+    def _off(self) -> None:
+        self.steer.update(strength=0.0)
+
+    # -- experiments ------------------------------------------------------------------------
+    def narration(self, strips, sets: dict) -> dict:
+        recs = {name: [] for name in sets}
+        degen = {name: [] for name in sets}
+        for desc in strips:
+            img = comics.render(desc)
+            rows, cols = comics.LAYOUTS[desc.layout]
+            self._off()
+            base = self.ask(img, "What is in this panel?")
+            for name, heads in sets.items():
+                for k in range(2, 7):
+                    if desc.panels[k - 1].thing.name == desc.panels[0].thing.name:
+                        continue
+                    self._steer(heads, f"panel:{k}@{rows}x{cols}")
+                    ans = self.ask(img, "What is in this panel?")
+                    named = objects_in(ans)
+                    ok = ans != base and named[:1] == [desc.panels[k - 1].thing.name]
+                    recs[name].append(float(ok))
+                    degen[name].append(distinct_n(ans.split(), 2))
+        return self._summary(recs, degen)
+
+    def vqa(self, strips, sets: dict, seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        recs = {name: [] for name in sets}
+        degen = {name: [] for name in sets}
+        for desc in strips:
+            img = comics.render(desc)
+            rows, cols = comics.LAYOUTS[desc.layout]
+            i = int(rng.integers(1, 7))
+            j = int(rng.choice([x for x in range(1, 7) if x != i]))
+            if desc.panels[i - 1].thing.name == desc.panels[j - 1].thing.name:
+                continue
+            for name, heads in sets.items():
+                self._steer(heads, f"panel:{j}@{rows}x{cols}")
+                ans = self.ask(img, f"What is in panel {i}?")
+                recs[name].append(float(objects_in(ans)[:1] == [desc.panels[j - 1].thing.name]))
+                degen[name].append(distinct_n(ans.split(), 2))
+        return self._summary(recs, degen)
+
+    def dynamic(self, strips, heads, every: int = 6, seed: int = 0, n_tokens: int = 48) -> dict:
+        """Narration with the target switched every ``every`` generated tokens along a random
+        derangement of the panels (no panel stays in its reading-order slot)."""
+        rng = np.random.default_rng(seed)
+        seg_ok, rhos, stairs = [], [], []
+        for desc in strips:
+            img = comics.render(desc)
+            rows, cols = comics.LAYOUTS[desc.layout]
+            order = _derangement(rng)
+            m = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _uri(img)}},
+                        {"type": "text", "text": "Describe the strip."},
+                    ],
+                }
+            ]
+            self._steer(heads, f"panel:{order[0]}@{rows}x{cols}")
+            self.llm.create_chat_completion(m, max_tokens=1, temperature=0)  # lays out the image
+            span = self.llm.images[0]
+            seq = self.llm._steer_seq_for([0] * (span.first_pos + span.n_pos), self.llm.images)
+            from llama_steer.roi import Panel, resolve
+
+            region = np.full(span.first_cell + span.grid.n_tokens + n_tokens + 64, -1, np.int16)
+            for r in range(1, 7):
+                region[resolve((Panel(r, grid=(rows, cols)),), seq)[0]] = r - 1
+            mask = np.zeros((self.llm._steer_hook.n_layer, self.llm._steer_hook.n_head), bool)
+            for layer, h in heads if heads != "all" else []:
+                mask[layer, h] = True
+            if heads == "all":
+                mask[:] = True
+            text, targets, attended = [], [], []
+            self._steer(heads, f"panel:{order[0]}@{rows}x{cols}")
+            with self.steer._observing(region, 6, _native.ROWS_LAST):
+                stream = self.llm.create_chat_completion(
+                    m, max_tokens=n_tokens, temperature=0, stream=True
+                )
+                n = 0
+                for chunk in stream:
+                    piece = chunk["choices"][0]["delta"].get("content")
+                    if piece is None:
+                        continue
+                    obs, _ = self.llm._steer_hook.read_obs()
+                    attended.append(int(np.argmax(obs[mask].mean(0))) + 1)
+                    target = order[min(n // every, 5)]
+                    text.append(piece)
+                    targets.append(target)
+                    n += 1
+                    if n % every == 0 and n // every < 6:
+                        self.steer.retarget(f"panel:{order[n // every]}@{rows}x{cols}")
+            # which panel each named object belongs to, at the token where it ends
+            said, pos = "", []
+            for t, piece in enumerate(text):
+                said += piece
+                found = objects_in(said)
+                while len(pos) < len(found):
+                    pos.append((t, found[len(pos)]))
+            panel_of = {p.thing.name: p.index for p in desc.panels}
+            described = [(targets[t], panel_of.get(name, 0)) for t, name in pos]
+            for seg in range(6):
+                lo, hi = seg * every, (seg + 1) * every
+                names = [panel_of.get(nm, 0) for t, nm in pos if lo <= t < hi + 3]
+                if names:
+                    seg_ok.append(float(order[seg] in names))
+            if len(described) >= 2:
+                r = spearman([a for a, _ in described], [b for _, b in described])
+                if np.isfinite(r):
+                    rhos.append(r)
+            stairs.append({"targets": targets, "attended": attended, "text": "".join(text)})
+        return {
+            "segment_accuracy": _ci(seg_ok),
+            "spearman": _ci(rhos),
+            "staircases": stairs[:3],
+        }
+
+    def pope(self, scenes, boost_heads, boost_strength: float, seed: int = 0) -> dict:
+        qs = pope_questions(scenes, seed)
+        out = {}
+        for setting in ("unsteered", "image-boost"):
+            if setting == "unsteered":
+                self._off()
+            else:
+                self.steer.update(
+                    heads=boost_heads,
+                    roi=None,
+                    mode="image-boost",
+                    strength=boost_strength,
+                    decode_only=False,
+                )
+            by_kind: dict = {}
+            for desc, kind, q, truth in qs:
+                ans = self.ask(comics.render(desc), q, max_tokens=3).lower()
+                said = "yes" if ans.startswith("yes") else "no" if ans.startswith("no") else "?"
+                by_kind.setdefault(kind, []).append((truth, said))
+            out[setting] = {k: _pope_scores(v) for k, v in by_kind.items()}
+        self._off()
+        return out
+
+    @staticmethod
+    def _summary(recs: dict, degen: dict) -> dict:
+        return {
+            name: {
+                "n": len(v),
+                "accuracy": _ci(v),
+                "distinct_2": float(np.mean(degen[name])) if degen[name] else None,
+            }
+            for name, v in recs.items()
+        }
+
+
+def _ci(v) -> dict:
+    mean, lo, hi = bootstrap_ci(v)
+    return {"mean": mean, "ci95": [lo, hi], "n": len(v)}
+
+
+def _derangement(rng) -> list[int]:
+    while True:
+        p = list(rng.permutation(6) + 1)
+        if all(p[i] != i + 1 for i in range(6)):
+            return [int(x) for x in p]
+
+
+def pope_questions(scenes, seed: int = 0) -> list[tuple]:
+    """(scene, kind, question, truth) with one present object and one absent object of each
+    kind per scene: random, popular (most frequent objects overall), adversarial (shares
+    colour or shape with something present)."""
+    rng = np.random.default_rng(seed)
+    freq = Counter((t.colour, t.shape) for s in scenes for t in s.things)
+    popular = [o for o, _ in freq.most_common()]
+    everything = [(c, s) for c in comics.COLOURS for s in comics.SHAPES]
+    out = []
+    for sc in scenes:
+        present = {(t.colour, t.shape) for t in sc.things}
+        t = sc.things[int(rng.integers(len(sc.things)))]
+        absent = [o for o in everything if o not in present]
+        near = [o for o in absent if any(o[0] == p[0] or o[1] == p[1] for p in present)]
+        picks = {
+            "random": absent[int(rng.integers(len(absent)))],
+            "popular": next(o for o in popular + absent if o not in present),
+            "adversarial": near[int(rng.integers(len(near)))] if near else absent[0],
+        }
+        for kind, (c, s) in picks.items():
+            out.append((sc, kind, f"Is there a {t.colour} {t.shape}?", "yes"))
+            out.append((sc, kind, f"Is there a {c} {s}?", "no"))
+    return out
+
+
+def _pope_scores(pairs) -> dict:
+    truth = np.array([t == "yes" for t, _ in pairs])
+    said = np.array([s == "yes" for _, s in pairs])
+    tp, fp = int((truth & said).sum()), int((~truth & said).sum())
+    fn = int((truth & ~said).sum())
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "n": len(pairs),
+        "accuracy": _ci((truth == said).astype(float)),
+        "precision": prec,
+        "recall": rec,
+        "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+        "yes_ratio": float(said.mean()),
+    }
+
+
+def bar_png(results: dict, path: Path, title: str) -> None:
+    """Accuracy per head set with its 95% interval."""
+    from PIL import Image, ImageDraw
+
+    names = list(results)
+    w, h, left, bottom = 120 * len(names) + 60, 260, 40, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((6, 4), title, fill="black")
+    top = 24
+    scale = h - top - bottom
+    d.line([left, h - bottom, w - 10, h - bottom], fill="black")
+    for i, name in enumerate(names):
+        acc = results[name]["accuracy"]
+        x = left + 20 + i * 120
+        y = h - bottom - acc["mean"] * scale
+        d.rectangle([x, y, x + 60, h - bottom], fill=(60, 120, 180))
+        lo, hi = (h - bottom - v * scale for v in acc["ci95"])
+        d.line([x + 30, lo, x + 30, hi], fill="black", width=2)
+        d.text((x, h - bottom + 4), name, fill="black")
+        d.text((x, y - 14), f"{acc['mean']:.0%}", fill="black")
+    img.save(path)
+
+
+def staircase_png(stair: dict, path: Path) -> None:
+    """Target panel (steps) and the panel the steered heads attend to (dots) per token."""
+    from PIL import Image, ImageDraw
+
+    t, a = stair["targets"], stair["attended"]
+    n = max(len(t), 1)
+    cw, w, h, left = 8, max(8 * n + 60, 440), 200, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text(
+        (6, 4), "target panel (line) vs attended panel (dots), per generated token", fill="black"
+    )
+
+    def y(panel):
+        return h - 20 - (panel - 1) * 28
+
+    for p in range(1, 7):
+        d.text((6, y(p) - 6), str(p), fill="black")
+    for i in range(len(t) - 1):
+        d.line(
+            [left + i * cw, y(t[i]), left + (i + 1) * cw, y(t[i + 1])], fill="firebrick", width=2
+        )
+    for i, p in enumerate(a):
+        d.ellipse([left + i * cw - 2, y(p) - 2, left + i * cw + 2, y(p) + 2], fill=(40, 90, 200))
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from llama_steer.cli import CliError, add_model_args, resolve_model
+    from llama_steer.headmap import Headmap
+    from llama_steer.llama import Llama
+    from llama_steer.steering import Steering
+
+    p = argparse.ArgumentParser(
+        prog="llama-steer eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("experiments", help="comma list of vqa,narration,dynamic,pope (or all)")
+    add_model_args(p)
+    p.add_argument("--headmap")
+    p.add_argument("--heads", default="top:10,random:10,bottom:10,all", dest="sets")
+    p.add_argument("--strength", type=float, default=None, help="default: the headmap's")
+    p.add_argument("--n-strips", type=int, default=100)
+    p.add_argument("--layout", default="both", choices=["both", "2x3", "1x6"])
+    p.add_argument("--every", type=int, default=6, help="dynamic: tokens per target")
+    p.add_argument("--boost-layers", default=None, help="pope: layers:A-B for image-boost")
+    p.add_argument("--boost-strength", type=float, default=2.0)
+    p.add_argument("--eval-seed", type=int, default=0, help="which held-out strips and draws")
+    p.add_argument("-o", "--out", default="report")
+    args = p.parse_args(argv)
+    exps = (
+        ["vqa", "narration", "dynamic", "pope"]
+        if args.experiments == "all"
+        else [e.strip() for e in args.experiments.split(",")]
+    )
+    for e in exps:
+        if e not in ("vqa", "narration", "dynamic", "pope"):
+            raise CliError(f"unknown experiment {e!r}: vqa, narration, dynamic, pope or all")
+    model, mmproj = resolve_model(args)
+    if not mmproj:
+        raise CliError("evaluation needs a vision model: pass --mmproj")
+    hm = Headmap.load(args.headmap) if args.headmap else None
+    if hm is not None:
+        hm.check_model(model, strict=False)
+    strength = (
+        args.strength
+        if args.strength is not None
+        else (float(hm.defaults.get("strength", 8.0)) if hm else 8.0)
+    )
+    handler = MTMDChatHandler(clip_model_path=mmproj, verbose=args.verbose)
+    llm = Llama(
+        model_path=model,
+        chat_handler=handler,
+        steering=Steering(strength=0.0),
+        n_ctx=args.ctx_size,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        verbose=args.verbose,
+    )
+    L, H = llm._steer_hook.n_layer, llm._steer_hook.n_head
+    sets = head_sets(args.sets, hm, L, H, seed=args.eval_seed)
+    layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]
+    base = 5 * 10**9 + 1000 * args.eval_seed  # seeds no training used
+    strips = [comics.make_strip(base + i, layouts[i % len(layouts)]) for i in range(args.n_strips)]
+    ev = Evaluator(llm, strength)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": model,
+        "headmap": args.headmap,
+        "strength": strength,
+        "n_strips": args.n_strips,
+        "head_sets": {
+            k: v if isinstance(v, str) else [list(x) for x in v] for k, v in sets.items()
+        },
+    }
+    t0 = time.time()
+    try:
+        if "narration" in exps:
+            report["narration"] = ev.narration(strips, sets)
+            bar_png(report["narration"], out / "narration.png", "narration: steered to panel k")
+        if "vqa" in exps:
+            report["vqa"] = ev.vqa(strips, sets, seed=args.eval_seed)
+            bar_png(report["vqa"], out / "vqa.png", "vqa: asked panel i, steered to j")
+        if "dynamic" in exps:
+            first = next(iter(sets.values()))
+            report["dynamic"] = ev.dynamic(
+                strips[: max(1, args.n_strips // 2)], first, every=args.every, seed=args.eval_seed
+            )
+            for i, st in enumerate(report["dynamic"]["staircases"]):
+                staircase_png(st, out / f"dynamic_staircase_{i}.png")
+        if "pope" in exps:
+            scenes = [comics.make_scene(base + i) for i in range(args.n_strips)]
+            boost = args.boost_layers or f"layers:0-{L - 1}"
+            report["pope"] = ev.pope(scenes, boost, args.boost_strength, seed=args.eval_seed)
+    finally:
+        llm.close()
+    report["seconds"] = round(time.time() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    for e in ("narration", "vqa"):
+        for name, r in report.get(e, {}).items():
+            a = r["accuracy"]
+            print(
+                f"{e:9s} {name:10s} {a['mean']:6.1%}  [{a['ci95'][0]:.0%}, {a['ci95'][1]:.0%}]"
+                f"  n={r['n']}"
+            )
+    if "dynamic" in report:
+        d = report["dynamic"]
+        print(
+            f"dynamic   segment accuracy {d['segment_accuracy']['mean']:.1%}, "
+            f"Spearman {d['spearman']['mean']:.2f}"
+        )
+    if "pope" in report:
+        for setting, kinds in report["pope"].items():
+            print(
+                "pope      "
+                + setting
+                + ": "
+                + ", ".join(
+                    f"{k} F1 {v['f1']:.3f} acc {v['accuracy']['mean']:.1%} yes {v['yes_ratio']:.0%}"
+                    for k, v in kinds.items()
+                )
+            )
+    print(f"wrote {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

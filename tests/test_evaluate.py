@@ -1,0 +1,112 @@
+"""Judges, head sets, schedules, POPE scoring, and a small end-to-end eval on the VLM."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llama_steer import SteeringError, comics
+from llama_steer.evaluate import (
+    _derangement,
+    _pope_scores,
+    caption_judge,
+    head_sets,
+    objects_in,
+    pope_questions,
+)
+from llama_steer.headmap import Headmap, HeadScore, ModelIdentity
+
+
+def test_exact_judge_reads_the_vocabulary():
+    assert objects_in("a red circle, then a Blue square.") == ["a red circle", "a blue square"]
+    assert objects_in("a purple star star star") == ["a purple star"]
+    assert objects_in("nothing here, a reddish circle") == []
+
+
+def test_caption_overlap_judge():
+    caps = ["a dog runs on the beach", "two cats sleep", "a red car"]
+    assert caption_judge("The cats sleep.", caps) == 2
+    assert caption_judge("a car, red", caps) == 3
+    assert caption_judge("zebra", caps) == 0
+
+
+def test_head_sets_from_a_headmap():
+    s = np.arange(24, dtype=float).reshape(6, 4)
+    order = np.argsort(-s, axis=None)
+    hm = Headmap(
+        ModelIdentity("qwen2vl", 6, 4, 2),
+        [HeadScore(int(i // 4), int(i % 4), float(s.flat[i])) for i in order],
+        scores=s.tolist(),
+    )
+    sets = head_sets("top:3,random:3,bottom:3,all", hm, 6, 4, seed=0)
+    assert sets["top:3"] == [(5, 3), (5, 2), (5, 1)]
+    assert sets["bottom:3"] == [(0, 2), (0, 1), (0, 0)]
+    assert not set(sets["random:3"]) & set(sets["top:3"]) and sets["all"] == "all"
+    with pytest.raises(SteeringError, match="top:K"):
+        head_sets("best:3", hm, 6, 4)
+    with pytest.raises(SteeringError, match="needs --headmap"):
+        head_sets("top:3", None, 6, 4)
+
+
+def test_derangements_move_every_panel():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = _derangement(rng)
+        assert sorted(p) == [1, 2, 3, 4, 5, 6] and all(p[i] != i + 1 for i in range(6))
+
+
+def test_pope_questions_and_scores():
+    scenes = [comics.make_scene(7 * 10**9 + i) for i in range(30)]
+    qs = pope_questions(scenes, seed=0)
+    assert len(qs) == 30 * 6
+    for sc, kind, q, truth in qs:
+        present = {f"{t.colour} {t.shape}" for t in sc.things}
+        named = q[len("Is there a ") : -1]
+        assert (named in present) == (truth == "yes"), (kind, q)
+        if kind == "adversarial" and truth == "no":
+            c, s = named.split()
+            assert any(c == p.split()[0] or s == p.split()[1] for p in present)
+    r = _pope_scores([("yes", "yes"), ("yes", "no"), ("no", "yes"), ("no", "no"), ("no", "no")])
+    assert (r["precision"], r["recall"]) == (0.5, 0.5) and r["f1"] == pytest.approx(0.5)
+    assert r["yes_ratio"] == pytest.approx(0.4) and r["accuracy"]["mean"] == pytest.approx(0.6)
+
+
+def test_eval_end_to_end_on_three_strips(organism, tmp_path):
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_steer.cli",
+            "eval",
+            "narration,vqa,dynamic,pope",
+            "-m",
+            organism[0],
+            "--mmproj",
+            organism[1],
+            "--heads",
+            "all",
+            "--n-strips",
+            "3",
+            "-t",
+            "2",
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    for exp in ("narration", "vqa"):
+        acc = rep[exp]["all"]["accuracy"]
+        assert 0 <= acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1] <= 1
+    assert set(rep["dynamic"]) == {"segment_accuracy", "spearman", "staircases"}
+    assert set(rep["pope"]) == {"unsteered", "image-boost"}
+    assert set(rep["pope"]["unsteered"]) == {"random", "popular", "adversarial"}
+    assert (tmp_path / "narration.png").exists() and (tmp_path / "dynamic_staircase_0.png").exists()
