@@ -179,3 +179,40 @@ def test_image_boost_raises_attention_to_the_image(vlm):
     boosted, plain = steer.attention_to(image), steer.attention_to(image, steered=False)
     np.testing.assert_allclose(boosted[0], plain[0], rtol=1e-5)  # below the boosted layers
     assert np.all(boosted[1:4] > plain[1:4])
+
+
+def test_look_writes_an_overlay(organism, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    comics.render(comics.make_strip(71, "2x3")).save(tmp_path / "s.png")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_steer.cli",
+            "look",
+            "-m",
+            organism[0],
+            "--mmproj",
+            organism[1],
+            "--image",
+            str(tmp_path / "s.png"),
+            "-p",
+            "What is in panel 2?",
+            "-o",
+            str(tmp_path / "look.png"),
+            "-t",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_WAIT_POLICY="passive"),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "most attended image token" in r.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "look.png").size[0] >= 252

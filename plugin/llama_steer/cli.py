@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": "llama_steer.demo",
         "score": "llama_steer.score",
         "eval": "llama_steer.evaluate",
+        "look": "llama_steer.look",
     }
     try:
         if argv and argv[0] in commands:
