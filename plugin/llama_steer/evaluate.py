@@ -12,6 +12,9 @@
         pope        yes/no object presence on scenes (random / popular / adversarial
                     negatives): accuracy, precision, recall, F1, yes-ratio, unsteered vs
                     image-boost
+        sweep       narration over top-k x strength: accuracy, attention focus gained on
+                    the target panel, KL(original || steered) of the next-token
+                    distribution, distinct-2 (the seed 002 trade-off)
     main() .................... the CLI: JSON report + PNG plots in an output folder
 
 Every accuracy comes with a 95% bootstrap interval. Targets showing the same object as the
@@ -34,6 +37,7 @@ import numpy as np
 from llama_steer import _native, comics
 from llama_steer._errors import SteeringError
 from llama_steer.metrics import bootstrap_ci, distinct_n, spearman
+from llama_steer.metrics import kl as kl_
 
 _OBJ = re.compile(r"\b(" + "|".join(comics.COLOURS) + r")\s+(" + "|".join(comics.SHAPES) + r")\b")
 
@@ -254,6 +258,104 @@ class Evaluator:
         self._off()
         return out
 
+    def sweep(self, strips, headmap, ks: list[int], strengths: list[float]) -> list[dict]:
+        """Narration steered to panels 2..6 for every (k, strength)."""
+        from llama_steer.roi import Panel, resolve
+
+        rows_out = []
+        base: dict = {}
+        for k in ks:
+            heads = headmap.top(k)
+            mask = np.zeros((self.llm._steer_hook.n_layer, self.llm._steer_hook.n_head), bool)
+            for layer, h in heads:
+                mask[layer, h] = True
+            for s in strengths:
+                acc, focus, kls, dist = [], [], [], []
+                for i, desc in enumerate(strips):
+                    img = comics.render(desc)
+                    rows, cols = comics.LAYOUTS[desc.layout]
+                    if i not in base:
+                        self._off()
+                        base[i] = self._probe(img, None, None, mask)
+                    for t in range(2, 7):
+                        if desc.panels[t - 1].thing.name == desc.panels[0].thing.name:
+                            continue
+                        roi = f"panel:{t}@{rows}x{cols}"
+                        self.steer.update(
+                            heads=heads,
+                            roi=roi,
+                            mode="redirect",
+                            strength=s,
+                            decode_only=self.decode_only,
+                        )
+                        ans, logits, att = self._probe(img, roi, (rows, cols, t), mask)
+                        b_ans, b_logits, _ = base[i]
+                        ok = ans != b_ans and objects_in(ans)[:1] == [desc.panels[t - 1].thing.name]
+                        acc.append(float(ok))
+                        if logits is not None and b_logits is not None:
+                            kls.append(float(kl_(b_logits, logits)))
+                        span = self.llm.images[0]
+                        seq = self.llm._steer_seq_for(
+                            [0] * (span.first_pos + span.n_pos), self.llm.images
+                        )
+                        cells = resolve((Panel(t, grid=(rows, cols)),), seq)[0] - span.first_cell
+                        focus.append(
+                            float(att[cells].sum() - base[i][2][cells].sum())
+                            if base[i][2] is not None
+                            else 0.0
+                        )
+                        dist.append(distinct_n(ans.split(), 2))
+                rows_out.append(
+                    {
+                        "k": k,
+                        "strength": s,
+                        "accuracy": _ci(acc),
+                        "focus_gain": float(np.mean(focus)) if focus else 0.0,
+                        "kl": float(np.mean(kls)) if kls else 0.0,
+                        "distinct_2": float(np.mean(dist)) if dist else 1.0,
+                    }
+                )
+        self._off()
+        return rows_out
+
+    def _probe(self, img, roi, target, mask):
+        """Answer the ambiguous question; return (answer, logits for the 2nd answer token,
+        steered heads' attention per image token at the 2nd answer token)."""
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        m = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _uri(img)}},
+                    {"type": "text", "text": "What is in this panel?"},
+                ],
+            }
+        ]
+        with suppress_stdout_stderr(disable=self.llm.verbose):
+            self.llm.create_chat_completion(m, max_tokens=1, temperature=0)
+        span = self.llm.images[0]
+        region = np.full(span.first_cell + span.grid.n_tokens, -1, dtype=np.int16)
+        region[span.cells] = np.arange(span.grid.n_tokens, dtype=np.int16)
+        text, logits, att = [], None, None
+        with self.steer._observing(region, span.grid.n_tokens, _native.ROWS_LAST):
+            with suppress_stdout_stderr(disable=self.llm.verbose):
+                for chunk in self.llm.create_chat_completion(
+                    m, max_tokens=self.max_tokens, temperature=0, stream=True
+                ):
+                    piece = chunk["choices"][0]["delta"].get("content")
+                    if piece is None:
+                        continue
+                    text.append(piece)
+                    if len(text) == 2:  # logits and attention of the step after "a"
+                        v = self.llm.n_vocab()
+                        logits = np.ctypeslib.as_array(
+                            self.llm._ctx.get_logits(), shape=(v,)
+                        ).copy()
+                        obs, _ = self.llm._steer_hook.read_obs()
+                        att = obs[mask].mean(0)
+        return "".join(text).strip(), logits, att
+
     @staticmethod
     def _summary(recs: dict, degen: dict) -> dict:
         return {
@@ -371,6 +473,53 @@ def staircase_png(stair: dict, path: Path) -> None:
     img.save(path)
 
 
+def sweep_png(rows: list[dict], path: Path) -> None:
+    """Left: accuracy vs strength, one line per k. Right: focus gained vs KL per point."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 760, 300, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    ks = sorted({r["k"] for r in rows})
+    ss = sorted({r["strength"] for r in rows})
+    colours = [(200, 40, 40), (40, 120, 200), (40, 160, 80), (150, 80, 180), (220, 140, 20)]
+
+    def panel(x0, title, xs, ys, xlabel):
+        d.text((x0 + 4, 4), title, fill="black")
+        d.rectangle([x0 + pad, 20, x0 + 360, h - pad], outline="black")
+        d.text((x0 + pad, h - pad + 6), xlabel, fill="black")
+        return (x0 + pad, 20, x0 + 360, h - pad)
+
+    box = panel(0, "narration accuracy vs strength (per top-k)", ss, None, "strength ->")
+    smax = max(ss) or 1.0
+    for ci, k in enumerate(ks):
+        pts = [
+            (
+                box[0] + (r["strength"] / smax) * (box[2] - box[0] - 10) + 5,
+                box[3] - r["accuracy"]["mean"] * (box[3] - box[1]),
+            )
+            for r in rows
+            if r["k"] == k
+        ]
+        pts.sort()
+        col = colours[ci % len(colours)]
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+        d.text((box[0] + 6, box[1] + 4 + 12 * ci), f"k={k}", fill=col)
+    box = panel(380, "focus gained (y) vs KL(original||steered) (x)", None, None, "KL ->")
+    kmax = max((r["kl"] for r in rows), default=1.0) or 1.0
+    fmax = max((abs(r["focus_gain"]) for r in rows), default=1.0) or 1.0
+    for r in rows:
+        col = colours[ks.index(r["k"]) % len(colours)]
+        x = box[0] + 5 + r["kl"] / kmax * (box[2] - box[0] - 10)
+        y = box[3] - (0.5 + 0.5 * r["focus_gain"] / fmax) * (box[3] - box[1])
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+        d.text((x + 4, y - 6), f"{r['strength']:g}", fill=col)
+    img.save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
@@ -384,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("experiments", help="comma list of vqa,narration,dynamic,pope (or all)")
+    p.add_argument(
+        "experiments", help="comma list of vqa,narration,dynamic,pope,sweep (all: the first four)"
+    )
     add_model_args(p)
     p.add_argument("--headmap")
     p.add_argument("--heads", default="top:10,random:10,bottom:10,all", dest="sets")
@@ -395,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boost-layers", default=None, help="pope: layers:A-B for image-boost")
     p.add_argument("--boost-strength", type=float, default=2.0)
     p.add_argument("--eval-seed", type=int, default=0, help="which held-out strips and draws")
+    p.add_argument("--ks", default="1,5,10,20", help="sweep: top-k values")
+    p.add_argument("--strengths", default="2,4,8,16", help="sweep: strengths")
     p.add_argument("-o", "--out", default="report")
     args = p.parse_args(argv)
     exps = (
@@ -403,8 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         else [e.strip() for e in args.experiments.split(",")]
     )
     for e in exps:
-        if e not in ("vqa", "narration", "dynamic", "pope"):
-            raise CliError(f"unknown experiment {e!r}: vqa, narration, dynamic, pope or all")
+        if e not in ("vqa", "narration", "dynamic", "pope", "sweep"):
+            raise CliError(f"unknown experiment {e!r}: vqa, narration, dynamic, pope, sweep, all")
+    if "sweep" in exps and not args.headmap:
+        raise CliError("the sweep ranks heads: pass --headmap")
     model, mmproj = resolve_model(args)
     if not mmproj:
         raise CliError("evaluation needs a vision model: pass --mmproj")
@@ -463,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
             scenes = [comics.make_scene(base + i) for i in range(args.n_strips)]
             boost = args.boost_layers or f"layers:0-{L - 1}"
             report["pope"] = ev.pope(scenes, boost, args.boost_strength, seed=args.eval_seed)
+        if "sweep" in exps:
+            ks = [k for k in (int(x) for x in args.ks.split(",")) if k <= len(hm.heads)]
+            ss = [float(x) for x in args.strengths.split(",")]
+            report["sweep"] = ev.sweep(strips[: max(1, args.n_strips // 4)], hm, ks, ss)
+            sweep_png(report["sweep"], out / "sweep.png")
     finally:
         llm.close()
     report["seconds"] = round(time.time() - t0, 1)
@@ -491,6 +651,12 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in kinds.items()
                 )
             )
+    for r in report.get("sweep", []):
+        print(
+            f"sweep     k={r['k']:<3d} strength {r['strength']:<5g} accuracy "
+            f"{r['accuracy']['mean']:6.1%}  focus {r['focus_gain']:+.3f}  KL {r['kl']:.3f}  "
+            f"distinct-2 {r['distinct_2']:.2f}"
+        )
     print(f"wrote {out / 'report.json'}")
     return 0
 
