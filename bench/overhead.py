@@ -1,6 +1,7 @@
 """Overhead of steering: prompt ms and decode tokens/s, steered vs unsteered, side by side.
 
     python bench/overhead.py                       # Gemma 3 270M Q4_K_M from the test extra
+    python bench/overhead.py --vlm                 # the embedded VLM, a comic strip prompt
     python bench/overhead.py -m model.gguf -ngl 99 --heads 10
 
 Both models live in one process; runs are interleaved (ABAB..., order alternating) and the
@@ -37,6 +38,27 @@ def default_model() -> str:
     return str(g.assemble(os.path.join(cache, g.MODEL_NAME)))
 
 
+def vlm_run(llm, messages, n_predict) -> tuple[float, float]:
+    """(prompt ms incl. the image and the first token, decode tokens/s) via the chat handler."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):
+        t0 = time.perf_counter()  # the handler evaluates the prompt before streaming
+        stream = llm.create_chat_completion(
+            messages, max_tokens=n_predict + 1, temperature=0, stream=True
+        )
+        t1, n = None, 0
+        for chunk in stream:
+            if chunk["choices"][0]["delta"].get("content") is None:
+                continue
+            if t1 is None:
+                t1 = time.perf_counter()
+            else:
+                n += 1
+        t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, n / max(t2 - t1, 1e-9)
+
+
 def one_run(llm, tokens, n_predict) -> tuple[float, float]:
     """(prompt ms incl. first sample, decode tokens/s) from an empty cache."""
     llm.reset()
@@ -60,7 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--heads", default="all", help="'all' or N: first N heads of every layer")
+    ap.add_argument("--vlm", action="store_true", help="the embedded VLM on a comic strip")
     args = ap.parse_args(argv)
+    if args.vlm:
+        return vlm_main(args)
     path = args.model or default_model()
     common = dict(
         model_path=path,
@@ -116,6 +141,76 @@ def main(argv=None) -> int:
     )
     steered.close()
     plain.close()
+    return 0
+
+
+def vlm_main(args) -> int:
+    import base64
+
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from llama_steer import Panel, comics
+    from llama_steer.cli import embedded_model
+
+    model, mmproj = embedded_model()
+    img = comics.render(comics.make_strip(6 * 10**9, "2x3"))
+    uri = "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": uri}},
+                {"type": "text", "text": "Describe the strip."},
+            ],
+        }
+    ]
+    common = dict(
+        model_path=model,
+        n_ctx=1024,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+        seed=1,
+        swa_full=True,
+    )
+    plain = llama_cpp.Llama(
+        chat_handler=MTMDChatHandler(clip_model_path=mmproj, verbose=False), **common
+    )
+    steer = Steering(heads="all", roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0)
+    steered = Llama(
+        chat_handler=MTMDChatHandler(clip_model_path=mmproj, verbose=False),
+        steering=steer,
+        **common,
+    )
+    vlm_run(plain, msgs, 4)
+    vlm_run(steered, msgs, 4)
+    res = {"plain": [], "steered": []}
+    for r in range(args.reps):
+        order = [("plain", plain), ("steered", steered)]
+        if r % 2:
+            order.reverse()
+        for name, llm in order:
+            res[name].append(vlm_run(llm, msgs, args.n_predict))
+    if steer.stats().n_kq_edited == 0:
+        print("error: the steered model edited nothing", file=sys.stderr)
+        return 1
+
+    def med(name, i):
+        return statistics.median(x[i] for x in res[name])
+
+    print(
+        f"model: {os.path.basename(model)} (embedded VLM), prompt: a 2x3 strip + question, "
+        f"decode: up to {args.n_predict}"
+    )
+    print(f"{'':10s} {'prompt ms':>10s} {'decode tok/s':>13s}")
+    for name in ("plain", "steered"):
+        print(f"{name:10s} {med(name, 0):10.1f} {med(name, 1):13.1f}")
+    print(
+        f"ratio steered/plain: decode {med('steered', 1) / med('plain', 1):.3f}  "
+        f"prompt speed {med('plain', 0) / med('steered', 0):.3f}"
+    )
+    plain.close()
+    steered.close()
     return 0
 
 

@@ -133,8 +133,11 @@ def parse_schedule(spec: str) -> list[tuple[int, str]]:
 
 # -- model ---------------------------------------------------------------------------------
 def embedded_model() -> tuple[str, str]:
-    """The organism shipped in the package (text GGUF, mmproj GGUF)."""
-    d = Path(__file__).resolve().parent / "models"
+    """The organism shipped in the package (text GGUF, mmproj GGUF);
+    $LLAMA_STEER_ORGANISM_DIR points elsewhere (a retrained pair)."""
+    d = Path(
+        os.environ.get("LLAMA_STEER_ORGANISM_DIR") or Path(__file__).resolve().parent / "models"
+    )
     m, p = d / "organism-f16.gguf", d / "mmproj-organism-f16.gguf"
     if not (m.exists() and p.exists()):
         raise CliError(f"the embedded model is not installed ({d}): pass -m and --mmproj")
