@@ -13,6 +13,7 @@ steered/unsteered (>= 0.98 is the goal on CPU).
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import statistics
 import sys
@@ -22,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import llama_cpp  # noqa: E402
 
-from llama_steer import Llama, Steering, Tokens  # noqa: E402
+from llama_steer import Llama, Panel, Steering, Tokens, comics  # noqa: E402
 
 PROMPT = (
     "The history of the city begins with a small settlement on the river. Over the centuries "
@@ -36,6 +37,21 @@ def default_model() -> str:
 
     cache = os.path.join(os.path.expanduser("~"), ".cache", "llama-steer-tests")
     return str(g.assemble(os.path.join(cache, g.MODEL_NAME)))
+
+
+def text_run(llm, tokens, n_predict) -> tuple[float, float]:
+    """(prompt ms incl. first sample, decode tokens/s) from an empty cache."""
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    gen = llm.generate(tokens, temp=0.0)
+    t0 = time.perf_counter()
+    next(gen)
+    t1 = time.perf_counter()
+    for _ in range(n_predict):
+        next(gen)
+    t2 = time.perf_counter()
+    gen.close()
+    return (t1 - t0) * 1e3, n_predict / (t2 - t1)
 
 
 def vlm_run(llm, messages, n_predict) -> tuple[float, float]:
@@ -59,19 +75,35 @@ def vlm_run(llm, messages, n_predict) -> tuple[float, float]:
     return (t1 - t0) * 1e3, n / max(t2 - t1, 1e-9)
 
 
-def one_run(llm, tokens, n_predict) -> tuple[float, float]:
-    """(prompt ms incl. first sample, decode tokens/s) from an empty cache."""
-    llm.reset()
-    llm._ctx.kv_cache_clear()
-    gen = llm.generate(tokens, temp=0.0)
-    t0 = time.perf_counter()
-    next(gen)
-    t1 = time.perf_counter()
-    for _ in range(n_predict):
-        next(gen)
-    t2 = time.perf_counter()
-    gen.close()
-    return (t1 - t0) * 1e3, n_predict / (t2 - t1)
+def compare(run, plain, steered, steer, reps: int, title: str) -> int:
+    """Interleave ``run(llm)`` on both models, print medians and ratios."""
+    run(plain)  # warm-up both
+    run(steered)
+    res = {"plain": [], "steered": []}
+    for r in range(reps):
+        order = [("plain", plain), ("steered", steered)]
+        if r % 2:
+            order.reverse()
+        for name, llm in order:
+            res[name].append(run(llm))
+    if steer.stats().n_kq_edited == 0:
+        print("error: the steered model edited nothing", file=sys.stderr)
+        return 1
+
+    def med(name, i):
+        return statistics.median(x[i] for x in res[name])
+
+    print(title)
+    print(f"{'':10s} {'prompt ms':>10s} {'decode tok/s':>13s}")
+    for name in ("plain", "steered"):
+        print(f"{name:10s} {med(name, 0):10.1f} {med(name, 1):13.1f}")
+    print(
+        f"ratio steered/plain: decode {med('steered', 1) / med('plain', 1):.3f}  "
+        f"prompt speed {med('plain', 0) / med('steered', 0):.3f}"
+    )
+    plain.close()
+    steered.close()
+    return 0
 
 
 def main(argv=None) -> int:
@@ -84,134 +116,73 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default="all", help="'all' or N: first N heads of every layer")
     ap.add_argument("--vlm", action="store_true", help="the embedded VLM on a comic strip")
     args = ap.parse_args(argv)
-    if args.vlm:
-        return vlm_main(args)
-    path = args.model or default_model()
     common = dict(
-        model_path=path,
         n_ctx=1024,
         n_threads=args.threads,
         n_threads_batch=args.threads,
         n_gpu_layers=args.n_gpu_layers,
         verbose=False,
         seed=1,
-    )
-    plain = llama_cpp.Llama(**common)
-    tokens = plain.tokenize(PROMPT.encode())
-    heads = "all"
-    if args.heads != "all":
-        k = int(args.heads)
-        n_layer = llama_cpp.llama_model_n_layer(plain._model.model)
-        heads = [(layer, h) for layer in range(n_layer) for h in range(k)]
-    steer = Steering(heads=heads, roi=Tokens(1, min(12, len(tokens))), strength=2.0)
-    steered = Llama(steering=steer, swa_full=True, **common)
-    # the unsteered model gets the same cache layout, so only the hook differs
-    plain.close()
-    plain = llama_cpp.Llama(swa_full=True, **common)
-
-    one_run(plain, tokens, 4)  # warm-up both
-    one_run(steered, tokens, 4)
-    res = {"plain": [], "steered": []}
-    for r in range(args.reps):
-        order = [("plain", plain), ("steered", steered)]
-        if r % 2:
-            order.reverse()
-        for name, llm in order:
-            res[name].append(one_run(llm, tokens, args.n_predict))
-    st = steer.stats()
-    if st.n_kq_edited == 0:
-        print("error: the steered model edited nothing", file=sys.stderr)
-        return 1
-
-    def med(name, i):
-        return statistics.median(x[i] for x in res[name])
-
-    print(
-        f"model: {os.path.basename(path)}  prompt: {len(tokens)} tokens  decode: {args.n_predict}"
-    )
-    print(
-        f"steering: heads={args.heads} on every layer, kq nodes edited last run: {st.n_kq_edited}"
-    )
-    print(f"{'':10s} {'prompt ms':>10s} {'decode tok/s':>13s}")
-    for name in ("plain", "steered"):
-        print(f"{name:10s} {med(name, 0):10.1f} {med(name, 1):13.1f}")
-    print(
-        f"ratio steered/plain: decode {med('steered', 1) / med('plain', 1):.3f}  "
-        f"prompt speed {med('plain', 0) / med('steered', 0):.3f}"
-    )
-    steered.close()
-    plain.close()
-    return 0
-
-
-def vlm_main(args) -> int:
-    import base64
-
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-
-    from llama_steer import Panel, comics
-    from llama_steer.cli import embedded_model
-
-    model, mmproj = embedded_model()
-    img = comics.render(comics.make_strip(6 * 10**9, "2x3"))
-    uri = "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
-    msgs = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": "Describe the strip."},
-            ],
-        }
-    ]
-    common = dict(
-        model_path=model,
-        n_ctx=1024,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        verbose=False,
-        seed=1,
         swa_full=True,
     )
-    plain = llama_cpp.Llama(
-        chat_handler=MTMDChatHandler(clip_model_path=mmproj, verbose=False), **common
-    )
-    steer = Steering(heads="all", roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0)
-    steered = Llama(
-        chat_handler=MTMDChatHandler(clip_model_path=mmproj, verbose=False),
-        steering=steer,
-        **common,
-    )
-    vlm_run(plain, msgs, 4)
-    vlm_run(steered, msgs, 4)
-    res = {"plain": [], "steered": []}
-    for r in range(args.reps):
-        order = [("plain", plain), ("steered", steered)]
-        if r % 2:
-            order.reverse()
-        for name, llm in order:
-            res[name].append(vlm_run(llm, msgs, args.n_predict))
-    if steer.stats().n_kq_edited == 0:
-        print("error: the steered model edited nothing", file=sys.stderr)
-        return 1
+    if args.vlm:
+        from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    def med(name, i):
-        return statistics.median(x[i] for x in res[name])
+        from llama_steer.cli import embedded_model
 
-    print(
-        f"model: {os.path.basename(model)} (embedded VLM), prompt: a 2x3 strip + question, "
-        f"decode: up to {args.n_predict}"
+        path, mmproj = embedded_model()
+
+        def handler():
+            return MTMDChatHandler(clip_model_path=mmproj, verbose=False)
+
+        img = comics.render(comics.make_strip(6 * 10**9, "2x3"))
+        uri = "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+        msgs = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uri}},
+                    {"type": "text", "text": "Describe the strip."},
+                ],
+            }
+        ]
+        steer = Steering(
+            heads=_heads(args, path), roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0
+        )
+        plain = llama_cpp.Llama(model_path=path, chat_handler=handler(), **common)
+        steered = Llama(model_path=path, chat_handler=handler(), steering=steer, **common)
+        return compare(
+            lambda llm: vlm_run(llm, msgs, args.n_predict),
+            plain,
+            steered,
+            steer,
+            args.reps,
+            f"model: {os.path.basename(path)} (embedded VLM), a 2x3 strip "
+            f"+ question, up to {args.n_predict} tokens, heads={args.heads}",
+        )
+    path = args.model or default_model()
+    plain = llama_cpp.Llama(model_path=path, **common)
+    tokens = plain.tokenize(PROMPT.encode())
+    steer = Steering(heads=_heads(args, path), roi=Tokens(1, min(12, len(tokens))), strength=2.0)
+    steered = Llama(model_path=path, steering=steer, **common)
+    return compare(
+        lambda llm: text_run(llm, tokens, args.n_predict),
+        plain,
+        steered,
+        steer,
+        args.reps,
+        f"model: {os.path.basename(path)}  prompt: {len(tokens)} tokens  "
+        f"decode: {args.n_predict}  heads={args.heads} on every layer",
     )
-    print(f"{'':10s} {'prompt ms':>10s} {'decode tok/s':>13s}")
-    for name in ("plain", "steered"):
-        print(f"{name:10s} {med(name, 0):10.1f} {med(name, 1):13.1f}")
-    print(
-        f"ratio steered/plain: decode {med('steered', 1) / med('plain', 1):.3f}  "
-        f"prompt speed {med('plain', 0) / med('steered', 0):.3f}"
-    )
-    plain.close()
-    steered.close()
-    return 0
+
+
+def _heads(args, path: str):
+    if args.heads == "all":
+        return "all"
+    from llama_steer.headmap import ModelIdentity
+
+    n_layer = ModelIdentity.of_gguf(path).n_layer
+    return [(layer, h) for layer in range(n_layer) for h in range(int(args.heads))]
 
 
 if __name__ == "__main__":

@@ -521,11 +521,8 @@ def sweep_png(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-
-    from llama_steer.cli import CliError, add_model_args, resolve_model
+    from llama_steer.cli import CliError, add_model_args, load, resolve_model
     from llama_steer.headmap import Headmap
-    from llama_steer.llama import Llama
     from llama_steer.steering import Steering
 
     p = argparse.ArgumentParser(
@@ -571,17 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.strength is not None
         else (float(hm.defaults.get("strength", 8.0)) if hm else 8.0)
     )
-    handler = MTMDChatHandler(clip_model_path=mmproj, verbose=args.verbose)
-    llm = Llama(
-        model_path=model,
-        chat_handler=handler,
-        steering=Steering(strength=0.0),
-        n_ctx=args.ctx_size,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        n_gpu_layers=args.n_gpu_layers,
-        verbose=args.verbose,
-    )
+    args.model, args.mmproj, args.image = model, mmproj, []
+    llm, _ = load(args, Steering(strength=0.0))  # observer only, until steered
     L, H = llm._steer_hook.n_layer, llm._steer_hook.n_head
     sets = head_sets(args.sets, hm, L, H, seed=args.eval_seed)
     layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]

@@ -353,10 +353,7 @@ def write_pictures(sums: GazeSums, out_dir: Path, q: int = 0, n_top: int = 4) ->
 
 def main(argv: list[str] | None = None) -> int:
     """llama-steer score: find gaze heads, write a headmap."""
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-
-    from llama_steer.cli import CliError, add_model_args, resolve_model
-    from llama_steer.llama import Llama
+    from llama_steer.cli import CliError, add_model_args, load, resolve_model
     from llama_steer.steering import Steering
 
     p = argparse.ArgumentParser(
@@ -410,17 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         strips = [(n, im, None) for n, im in strips_from_dir(args.comics)[: args.n_samples]]
         if any(q != "last" for q in queries):
             raise CliError("folders carry no answers: use --queries last")
-    handler = MTMDChatHandler(clip_model_path=mmproj, verbose=args.verbose)
-    llm = Llama(
-        model_path=model,
-        chat_handler=handler,
-        steering=Steering(strength=0.0),
-        n_ctx=args.ctx_size,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        n_gpu_layers=args.n_gpu_layers,
-        verbose=args.verbose,
-    )
+    args.model, args.mmproj, args.image = model, mmproj, []
+    llm, _ = load(args, Steering(strength=0.0))  # observer only, until steered
+    handler = llm.chat_handler
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.npz")
