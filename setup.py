@@ -67,6 +67,12 @@ class BuildPy(build_py):
     def run(self):
         cuda_compile_check()
         super().run()
+        # the shipped headmaps live in headmaps/ (repo layout); installed copies go with the
+        # package so `llama-steer demo` finds them (editable installs read headmaps/ directly)
+        dest = pathlib.Path(self.build_lib) / "llama_steer" / "headmaps"
+        for f in sorted((HERE / "headmaps").glob("*.json")):
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / f.name)
 
 
 setup(
