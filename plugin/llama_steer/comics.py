@@ -383,12 +383,24 @@ def _scene_qa(scene: Scene, task: str, rng) -> tuple[str, str]:
     raise ValueError(task)
 
 
-def questions_for(desc, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
-    """``n`` (task, question, answer) triples about one Strip or Scene."""
+def questions_for(
+    desc, rng: np.random.Generator, n: int, weights: dict | None = None
+) -> list[tuple[str, str, str]]:
+    """``n`` (task, question, answer) triples about one Strip or Scene.
+
+    Tasks are drawn uniformly among the desc's kind, or in proportion to ``weights`` (task -> w,
+    default 1) when given.
+    """
     tasks = STRIP_TASKS if isinstance(desc, Strip) else SCENE_TASKS
     out = []
+    if weights:
+        p = np.array([weights.get(t, 1.0) for t in tasks], np.float64)
+        p /= p.sum()
     for _ in range(n):
-        task = tasks[int(rng.integers(len(tasks)))]
+        if weights:
+            task = tasks[int(rng.choice(len(tasks), p=p))]
+        else:
+            task = tasks[int(rng.integers(len(tasks)))]
         q, a = (_strip_qa if isinstance(desc, Strip) else _scene_qa)(desc, task, rng)
         out.append((task, q, a))
     return out

@@ -37,7 +37,14 @@ class AuxHeads(torch.nn.Module):
         self.slot = torch.nn.Linear(hidden, 11)
 
 
-def make_sample(seed: int, enc: Encoder, renderer: str, turns: int | None, task: str | None):
+def make_sample(
+    seed: int,
+    enc: Encoder,
+    renderer: str,
+    turns: int | None,
+    task: str | None,
+    weights: dict | None = None,
+):
     rng = np.random.default_rng([seed, 5])
     if task is not None:
         ex = comics.make_example(seed, task, renderer)
@@ -50,12 +57,23 @@ def make_sample(seed: int, enc: Encoder, renderer: str, turns: int | None, task:
             desc = comics.make_scene(seed)
         img = comics.render(desc, renderer)
         n = turns or int(rng.integers(1, 4))
-        qa = [(q, a) for _, q, a in comics.questions_for(desc, rng, n)]
+        qa = [(q, a) for _, q, a in comics.questions_for(desc, rng, n, weights)]
     pix, grid = patchify(img)
     n_tok = grid[1] * grid[2] // 4
     ids, labels = enc.conversation(n_tok, qa)
     lab = comics.token_labels(desc)
     return dict(ids=ids, labels=labels, pix=pix, grid=grid, aux=lab)
+
+
+def task_weights(specs: list[str], step: int) -> dict | None:
+    """Parse --task-weight TASK=W[@STEP] entries active at ``step``."""
+    out = {}
+    for spec in specs:
+        task, rest = spec.split("=")
+        w, _, start = rest.partition("@")
+        if step >= int(start or 0):
+            out[task] = float(w)
+    return out or None
 
 
 def collate(samples, pad_id: int):
@@ -118,6 +136,13 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", default="auto", help=f"int, or auto: 1 until {CPU_FREE} exists")
+    ap.add_argument(
+        "--task-weight",
+        action="append",
+        default=[],
+        metavar="TASK=W[@STEP]",
+        help="weight of a task among its kind's questions (default 1), from STEP on (default 0)",
+    )
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time this many steps and stop")
     args = ap.parse_args()
@@ -198,8 +223,10 @@ def main() -> None:
             print(f"step {step}: 2 threads", flush=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
+        weights = task_weights(args.task_weight, step)
         samples = [
-            make_sample(step * args.batch + i, enc, "pillow", None, None) for i in range(args.batch)
+            make_sample(step * args.batch + i, enc, "pillow", None, None, weights)
+            for i in range(args.batch)
         ]
         batch = collate(samples, enc.pad)
         a_loss, x_loss, _, _ = forward(model, heads, batch, captured)
