@@ -460,6 +460,7 @@ class Llama(llama_cpp.Llama):
         if not targets:
             raise SteeringError("attention_to() needs a target (or a Steering with an roi)")
         seq = self._steer_seq()
+        st._publish(seq)  # the config as it is now (update() between generations is lazy)
         cells, _ = resolve(targets, seq)
         region = np.full(seq.n_cells, -1, dtype=np.int16)
         region[cells] = 0
