@@ -93,10 +93,12 @@ setup(
     install_requires=[
         "cffi>=1.17",
         "numpy>=1.24",
+        "pillow>=9",
         "llama-cpp-python==0.3.36",
     ],
     extras_require={
         "cuda": ["cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=12.8"],
+        "hf": ["huggingface-hub"],
         "test": [
             "pytest>=8",
             "hypothesis>=6",
