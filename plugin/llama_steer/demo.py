@@ -21,27 +21,36 @@ from llama_steer import comics
 QUESTION = "What is in this panel?"
 
 
-def default_heads(model_path: str):
-    """(Steering keyword arguments, description) for the demo's head set: the shipped
-    headmap's top heads when it exists for this model."""
+def default_heads(model_path: str, headmap: str | None = None, top_k: int | None = None):
+    """(Steering keyword arguments, description, strength) for the demo's head set: the
+    given or the shipped headmap's top heads and recommended strength, when it fits."""
     from llama_steer.headmap import Headmap, HeadmapError
 
-    for d in (
-        Path(__file__).resolve().parent / "headmaps",
-        Path(__file__).resolve().parents[2] / "headmaps",
-    ):
-        p = d / "organism.json"
-        if p.exists():
-            try:
-                hm = Headmap.load(p)
-                hm.check_model(model_path)
-                k = int(hm.defaults.get("top_k", 10))
-                return {"headmap": hm, "top_k": k}, f"top {k} heads of {p.name}"
-            except HeadmapError:
-                pass
+    here = Path(__file__).resolve()
+    candidates = (
+        [Path(headmap)]
+        if headmap
+        else [
+            here.parent / "headmaps" / "organism.json",
+            here.parents[2] / "headmaps" / "organism.json",
+        ]
+    )
+    for p in candidates:
+        if not p.exists():
+            continue
+        try:
+            hm = Headmap.load(p)
+            hm.check_model(model_path, strict=headmap is None)
+        except HeadmapError:
+            if headmap:
+                raise
+            continue
+        k = top_k or int(hm.defaults.get("top_k", 10))
+        kw = {"headmap": hm, "top_k": k, "decode_only": bool(hm.defaults.get("decode_only", True))}
+        return kw, f"top {k} heads of {p.name}", float(hm.defaults.get("strength", 8.0))
     # Simple rule, used only while no headmap exists for this model: every head, edits on
     # generated tokens only (prefill edits with many heads break the small model's answers)
-    return {"heads": "all", "decode_only": True}, "all heads, decode only (no headmap found)"
+    return {"heads": "all", "decode_only": True}, "all heads, decode only (no headmap)", 8.0
 
 
 def which_panels(answer: str, strip: comics.Strip) -> list[int]:
@@ -82,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(p)
     p.add_argument("--layout", default="2x3", choices=sorted(comics.LAYOUTS))
     p.add_argument("--strip", type=int, default=0, help="which strip to draw (a seed)")
-    p.add_argument("--strength", type=float, default=8.0)
+    p.add_argument("--strength", type=float, default=None, help="default: the headmap's")
+    p.add_argument("--headmap", help="default: the shipped headmaps/organism.json")
+    p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--out", default="demo.png")
     args = p.parse_args(argv)
     args.image = []  # cli.load checks images against --mmproj
@@ -95,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if not mmproj:
         raise CliError("the demo needs a vision model: pass --mmproj with -m")
     args.model, args.mmproj = model, mmproj
-    heads, heads_desc = default_heads(model)
+    heads, heads_desc, strength = default_heads(model, args.headmap, args.top_k)
+    if args.strength is not None:
+        strength = args.strength
     steer = Steering(roi=None, mode="redirect", strength=0.0, **heads)
     llm, _ = load(args, steer)
     uri = "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
@@ -121,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f'unsteered "{QUESTION}" -> {base}   (names panel {which_panels(base, strip) or "?"})'
         )
-        print(f"steering: redirect, strength {args.strength:g}, {heads_desc}")
+        print(f"steering: redirect, strength {strength:g}, {heads_desc}")
         table = [("unsteered", base, None)]
         hits = 0
         for k in range(1, 7):
-            steer.update(roi=f"panel:{k}@{rows}x{cols}", strength=args.strength)
+            steer.update(roi=f"panel:{k}@{rows}x{cols}", strength=strength)
             ans = ask()
             named = which_panels(ans, strip)
             ok = k in named
