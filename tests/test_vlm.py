@@ -216,3 +216,88 @@ def test_look_writes_an_overlay(organism, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "look.png").size[0] >= 252
+
+
+@pytest.fixture(scope="module")
+def shipped_headmap():
+    from pathlib import Path
+
+    from llama_steer.headmap import Headmap
+
+    p = Path(__file__).resolve().parents[1] / "headmaps" / "organism.json"
+    if not p.exists():
+        pytest.skip("headmaps/organism.json is not there yet")
+    return Headmap.load(p)
+
+
+def test_top_heads_steer_and_random_heads_do_not(vlm, shipped_headmap):
+    """The paper's finding on the embedded model: the shipped headmap's top heads move the
+    ambiguous question's answer to the chosen panel; as many random heads do not."""
+    from llama_steer.evaluate import Evaluator
+
+    hm = shipped_headmap
+    k = int(hm.defaults["top_k"])
+    llm = vlm(Steering(strength=0.0))
+    ev = Evaluator(llm, float(hm.defaults["strength"]))
+    strips = [comics.make_strip(12 * 10**9 + i, ("2x3", "1x6")[i % 2]) for i in range(4)]
+    res = ev.narration(strips, {"top": hm.top(k), "random": hm.random(k, seed=0)})
+    assert res["top"]["accuracy"]["mean"] >= 0.5, res
+    assert res["random"]["accuracy"]["mean"] <= 0.2, res
+
+
+def test_cli_and_python_agree_on_a_steered_answer(vlm, organism, shipped_headmap, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    strip = comics.render(comics.make_strip(13 * 10**9, "1x6"))
+    strip.save(tmp_path / "strip.png")
+    hm_path = str(tmp_path / "hm.json")
+    shipped_headmap.save(hm_path)
+    args = [
+        "--headmap",
+        hm_path,
+        "--roi",
+        "panel:4/6",
+        "--decode-only",
+        "--strength",
+        str(shipped_headmap.defaults["strength"]),
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_steer.cli",
+            "-m",
+            organism[0],
+            "--mmproj",
+            organism[1],
+            "--image",
+            str(tmp_path / "strip.png"),
+            "-p",
+            "What is in this panel?",
+            "-n",
+            "12",
+            "-t",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_WAIT_POLICY="passive"),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    llm = vlm(
+        Steering(
+            headmap=shipped_headmap,
+            roi=Panel(4, of=6),
+            mode="redirect",
+            decode_only=True,
+            strength=float(shipped_headmap.defaults["strength"]),
+        )
+    )
+    out = llm.create_chat_completion(
+        [msg([strip], "What is in this panel?")], max_tokens=12, temperature=0
+    )
+    assert r.stdout.strip() == out["choices"][0]["message"]["content"].strip()
