@@ -63,10 +63,16 @@ def test_logits_match_the_pytorch_reference(llm):
 @pytest.mark.parametrize("task", ["panel_number", "this_panel", "describe", "scene_region"])
 def test_held_out_answers(llm, task):
     """A handful of held-out samples drawn by the independent renderer with unseen seeds."""
-    n, ok, seen = 8, 0, []
+    from llama_steer.evaluate import objects_in
+
+    n, ok, seen = 8, 0.0, []
     for i in range(n):
         ex = comics.make_example(9 * 10**9 + 31 * i, task, renderer="numpy")
         got = ask(llm, comics.png_bytes(ex.image), ex.question)
-        ok += got == ex.answer
+        if task == "describe":  # six objects in order: score each position
+            want, said = objects_in(ex.answer), objects_in(got)
+            ok += sum(a == b for a, b in zip(want, said, strict=False)) / len(want)
+        else:
+            ok += got == ex.answer
         seen.append((ex.question, ex.answer, got))
-    assert ok >= 6, seen
+    assert ok >= 0.75 * n, seen
