@@ -45,12 +45,12 @@ def sha256(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hf", default="/tmp/organism/hf")
+    ap.add_argument("--hf", default="/tmp/organism/hf", type=lambda p: str(Path(p).resolve()))
     ap.add_argument("--out", default="plugin/llama_steer/models")
     ap.add_argument("--llama-cpp", default="/tmp/dl/llama_cpp_python-0.3.36/vendor/llama.cpp")
     ap.add_argument("--outtype", default="f16")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     root = str(Path(args.llama_cpp).resolve())
     jobs = [
