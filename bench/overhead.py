@@ -13,7 +13,6 @@ steered/unsteered (>= 0.98 is the goal on CPU).
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import statistics
 import sys
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
             return MTMDChatHandler(clip_model_path=mmproj, verbose=False)
 
         img = comics.render(comics.make_strip(6 * 10**9, "2x3"))
-        uri = "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+        uri = comics.data_uri(img)
         msgs = [
             {
                 "role": "user",

@@ -14,7 +14,6 @@ decode tokens/s of both and their ratio (single process, interleaved runs, media
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import statistics
 import sys
@@ -109,7 +108,7 @@ def gguf_side(img, threads: int, strength: float):
         n_threads_batch=threads,
         verbose=False,
     )
-    uri = "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+    uri = comics.data_uri(img)
     msgs = [
         {
             "role": "user",

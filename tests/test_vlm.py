@@ -5,8 +5,6 @@ head (-1e4, so softmax gives them exactly 0), the text after the image cannot se
 so two different images give bit-identical logits; leave one image cell out and they differ.
 """
 
-import base64
-
 import llama_cpp
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from llama_steer.score import StripPrompter, score_strip
 
 
 def uri(img) -> str:
-    return "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+    return comics.data_uri(img)
 
 
 def msg(imgs, text):

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "data_uri",
     "COLOURS",
     "SHAPES",
     "LAYOUTS",
@@ -337,6 +338,13 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def data_uri(img: Image.Image) -> str:
+    """The image as a PNG data URI, for an OpenAI-style ``image_url`` message part."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
 
 
 # ----------------------------------------------------------------------------- questions

@@ -12,7 +12,6 @@ answers under it.
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         strength = args.strength
     steer = Steering(roi=None, mode="redirect", strength=0.0, **heads)
     llm, _ = load(args, steer)
-    uri = "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+    uri = comics.data_uri(img)
     msgs = [
         {
             "role": "user",

@@ -24,7 +24,6 @@ unsteered answer's panel are skipped (a correct steer could not change the text)
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import re
 import sys
@@ -83,7 +82,7 @@ def head_sets(spec: str, headmap, n_layer: int, n_head: int, seed: int = 0) -> d
 
 
 def _uri(img) -> str:
-    return "data:image/png;base64," + base64.b64encode(comics.png_bytes(img)).decode()
+    return comics.data_uri(img)
 
 
 class Evaluator:
