@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     if args.vlm:
         from llama_cpp.llama_chat_format import MTMDChatHandler
 
-        from llama_steer.cli import embedded_model
+        from llama_steer.cli import embedded_model, user_message
 
         path, mmproj = embedded_model()
 
@@ -135,16 +135,7 @@ def main(argv=None) -> int:
             return MTMDChatHandler(clip_model_path=mmproj, verbose=False)
 
         img = comics.render(comics.make_strip(6 * 10**9, "2x3"))
-        uri = comics.data_uri(img)
-        msgs = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": uri}},
-                    {"type": "text", "text": "Describe the strip."},
-                ],
-            }
-        ]
+        msgs = [user_message("Describe the strip.", [img])]
         steer = Steering(
             heads=_heads(args, path), roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0
         )

@@ -95,7 +95,7 @@ def torch_side(hf: str, img, threads: int, strength: float):
 def gguf_side(img, threads: int, strength: float):
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from llama_steer.cli import embedded_model
+    from llama_steer.cli import embedded_model, user_message
 
     model, mmproj = embedded_model()
     steer = Steering(heads="all", roi=Panel(3, grid=(2, 3)), mode="redirect", strength=strength)
@@ -108,16 +108,7 @@ def gguf_side(img, threads: int, strength: float):
         n_threads_batch=threads,
         verbose=False,
     )
-    uri = comics.data_uri(img)
-    msgs = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": QUESTION},
-            ],
-        }
-    ]
+    msgs = [user_message(QUESTION, [img])]
 
     def run(n_predict: int) -> float:
         from llama_cpp._utils import suppress_stdout_stderr

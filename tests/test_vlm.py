@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 
 from llama_steer import ImageTokens, Llama, Panel, Steering, comics
+from llama_steer.cli import user_message
 from llama_steer.score import StripPrompter, score_strip
 
 
-def uri(img) -> str:
-    return comics.data_uri(img)
-
-
 def msg(imgs, text):
-    parts = [{"type": "image_url", "image_url": {"url": uri(i)}} for i in imgs]
-    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+    return user_message(text, imgs)
 
 
 @pytest.fixture

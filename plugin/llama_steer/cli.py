@@ -196,10 +196,19 @@ def data_uri(path: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode()
 
 
-def user_message(text: str, images: list[str]) -> dict:
+def user_message(text: str, images: list) -> dict:
+    """An OpenAI-style user message: ``images`` (file paths or PIL images) then ``text``."""
     if not images:
         return {"role": "user", "content": text}
-    parts = [{"type": "image_url", "image_url": {"url": data_uri(i)}} for i in images]
+
+    def url(i) -> str:
+        if isinstance(i, (str, Path)):
+            return data_uri(str(i))
+        from llama_steer import comics
+
+        return comics.data_uri(i)
+
+    parts = [{"type": "image_url", "image_url": {"url": url(i)}} for i in images]
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 

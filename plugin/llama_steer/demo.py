@@ -79,7 +79,7 @@ def picture(strip, img, rows: list[tuple[str, str, bool | None]], out: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_steer.cli import CliError, add_model_args, load
+    from llama_steer.cli import CliError, add_model_args, load, resolve_model, user_message
     from llama_steer.steering import Steering
 
     p = argparse.ArgumentParser(
@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     strip = comics.make_strip(10**9 + args.strip, args.layout)  # a seed no training used
     img = comics.render(strip)
     rows, cols = comics.LAYOUTS[args.layout]
-    from llama_steer.cli import resolve_model
 
     model, mmproj = resolve_model(args)
     if not mmproj:
@@ -110,16 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         strength = args.strength
     steer = Steering(roi=None, mode="redirect", strength=0.0, **heads)
     llm, _ = load(args, steer)
-    uri = comics.data_uri(img)
-    msgs = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": QUESTION},
-            ],
-        }
-    ]
+    msgs = [user_message(QUESTION, [img])]
 
     def ask() -> str:
         out = llm.create_chat_completion(msgs, max_tokens=12, temperature=0)

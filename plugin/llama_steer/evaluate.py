@@ -35,6 +35,7 @@ import numpy as np
 
 from llama_steer import _native, comics
 from llama_steer._errors import SteeringError
+from llama_steer.cli import user_message
 from llama_steer.metrics import bootstrap_ci, distinct_n, spearman
 from llama_steer.metrics import kl as kl_
 
@@ -81,10 +82,6 @@ def head_sets(spec: str, headmap, n_layer: int, n_head: int, seed: int = 0) -> d
     return out
 
 
-def _uri(img) -> str:
-    return comics.data_uri(img)
-
-
 class Evaluator:
     """Runs the experiments on one steering Llama with an mtmd chat handler."""
 
@@ -93,15 +90,7 @@ class Evaluator:
         self.strength, self.decode_only, self.max_tokens = strength, decode_only, max_tokens
 
     def ask(self, img, question: str, max_tokens: int | None = None) -> str:
-        m = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": _uri(img)}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ]
+        m = [user_message(question, [img])]
         out = self.llm.create_chat_completion(
             m, max_tokens=max_tokens or self.max_tokens, temperature=0
         )
@@ -167,15 +156,7 @@ class Evaluator:
             img = comics.render(desc)
             rows, cols = comics.LAYOUTS[desc.layout]
             order = _derangement(rng)
-            m = [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": _uri(img)}},
-                        {"type": "text", "text": "Describe the strip."},
-                    ],
-                }
-            ]
+            m = [user_message("Describe the strip.", [img])]
             self._steer(heads, f"panel:{order[0]}@{rows}x{cols}")
             self.llm.create_chat_completion(m, max_tokens=1, temperature=0)  # lays out the image
             span = self.llm.images[0]
@@ -322,15 +303,7 @@ class Evaluator:
         steered heads' attention per image token at the 2nd answer token)."""
         from llama_cpp._utils import suppress_stdout_stderr
 
-        m = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": _uri(img)}},
-                    {"type": "text", "text": "What is in this panel?"},
-                ],
-            }
-        ]
+        m = [user_message("What is in this panel?", [img])]
         with suppress_stdout_stderr(disable=self.llm.verbose):
             self.llm.create_chat_completion(m, max_tokens=1, temperature=0)
         span = self.llm.images[0]
