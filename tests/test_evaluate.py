@@ -41,14 +41,14 @@ def test_head_sets_from_a_headmap():
         [HeadScore(int(i // 4), int(i % 4), float(s.flat[i])) for i in order],
         scores=s.tolist(),
     )
-    sets = head_sets("top:3,random:3,bottom:3,all", hm, 6, 4, seed=0)
+    sets = head_sets("top:3,random:3,bottom:3,all", hm, seed=0)
     assert sets["top:3"] == [(5, 3), (5, 2), (5, 1)]
     assert sets["bottom:3"] == [(0, 2), (0, 1), (0, 0)]
     assert not set(sets["random:3"]) & set(sets["top:3"]) and sets["all"] == "all"
     with pytest.raises(SteeringError, match="top:K"):
-        head_sets("best:3", hm, 6, 4)
+        head_sets("best:3", hm)
     with pytest.raises(SteeringError, match="needs --headmap"):
-        head_sets("top:3", None, 6, 4)
+        head_sets("top:3", None)
 
 
 def test_derangements_move_every_panel():

@@ -38,6 +38,7 @@ from llama_steer._errors import SteeringError
 from llama_steer.cli import user_message
 from llama_steer.metrics import bootstrap_ci, distinct_n, spearman
 from llama_steer.metrics import kl as kl_
+from llama_steer.score import panel_regions
 
 _OBJ = re.compile(r"\b(" + "|".join(comics.COLOURS) + r")\s+(" + "|".join(comics.SHAPES) + r")\b")
 
@@ -63,7 +64,7 @@ def caption_judge(answer: str, captions: list[str]) -> int:
     return best
 
 
-def head_sets(spec: str, headmap, n_layer: int, n_head: int, seed: int = 0) -> dict:
+def head_sets(spec: str, headmap, seed: int = 0) -> dict:
     """{"top:10": [(l, h), ...], "random:10": ..., "bottom:10": ..., "all": "all"}."""
     out = {}
     for item in spec.split(","):
@@ -77,8 +78,11 @@ def head_sets(spec: str, headmap, n_layer: int, n_head: int, seed: int = 0) -> d
         if headmap is None:
             raise SteeringError(f"head set {item!r} needs --headmap")
         kind, k = m.group(1), int(m.group(2))
-        out[item] = {"top": headmap.top, "bottom": headmap.bottom}.get(kind, None)
-        out[item] = headmap.random(k, seed=seed) if kind == "random" else out[item](k)
+        out[item] = (
+            headmap.random(k, seed=seed)
+            if kind == "random"
+            else (headmap.top(k) if kind == "top" else headmap.bottom(k))
+        )
     return out
 
 
@@ -161,18 +165,9 @@ class Evaluator:
             self.llm.create_chat_completion(m, max_tokens=1, temperature=0)  # lays out the image
             span = self.llm.images[0]
             seq = self.llm._steer_seq_for([0] * (span.first_pos + span.n_pos), self.llm.images)
-            from llama_steer.roi import Panel, resolve
-
-            region = np.full(span.first_cell + span.grid.n_tokens + n_tokens + 64, -1, np.int16)
-            for r in range(1, 7):
-                region[resolve((Panel(r, grid=(rows, cols)),), seq)[0]] = r - 1
-            mask = np.zeros((self.llm._steer_hook.n_layer, self.llm._steer_hook.n_head), bool)
-            for layer, h in heads if heads != "all" else []:
-                mask[layer, h] = True
-            if heads == "all":
-                mask[:] = True
+            region = panel_regions(seq, (rows, cols), seq.n_cells + n_tokens + 64)
+            mask = self.steer._heads_mask()
             text, targets, attended = [], [], []
-            self._steer(heads, f"panel:{order[0]}@{rows}x{cols}")
             with self.steer._observing(region, 6, _native.ROWS_LAST):
                 stream = self.llm.create_chat_completion(
                     m, max_tokens=n_tokens, temperature=0, stream=True
@@ -246,9 +241,8 @@ class Evaluator:
         base: dict = {}
         for k in ks:
             heads = headmap.top(k)
-            mask = np.zeros((self.llm._steer_hook.n_layer, self.llm._steer_hook.n_head), bool)
-            for layer, h in heads:
-                mask[layer, h] = True
+            self.steer.update(heads=heads, strength=0.0)
+            mask = self.steer._heads_mask()
             for s in strengths:
                 acc, focus, kls, dist = [], [], [], []
                 for i, desc in enumerate(strips):
@@ -542,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.model, args.mmproj, args.image = model, mmproj, []
     llm, _ = load(args, Steering(strength=0.0))  # observer only, until steered
-    L, H = llm._steer_hook.n_layer, llm._steer_hook.n_head
-    sets = head_sets(args.sets, hm, L, H, seed=args.eval_seed)
+    L = llm._steer_hook.n_layer
+    sets = head_sets(args.sets, hm, seed=args.eval_seed)
     layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]
     base = 5 * 10**9 + 1000 * args.eval_seed  # seeds no training used
     strips = [comics.make_strip(base + i, layouts[i % len(layouts)]) for i in range(args.n_strips)]

@@ -195,6 +195,14 @@ def strips_from_dir(root: str | Path) -> list[tuple[str, object]]:
     return out
 
 
+def panel_regions(seq, grid: tuple[int, int], n_cells: int) -> np.ndarray:
+    """(n_cells,) int16 observer regions: panel r's image tokens -> r - 1, others -1."""
+    region = np.full(n_cells, -1, dtype=np.int16)
+    for r in range(1, 7):
+        region[resolve((Panel(r, grid=grid),), seq)[0]] = r - 1
+    return region
+
+
 def score_strip(
     prompter: StripPrompter,
     img,
@@ -228,10 +236,7 @@ def score_strip(
                 prompter.eval_chunks(items[: img_at + 1])
                 prefix_end = llm.n_tokens
             seq = llm._steer_seq_for([0] * prefix_end, llm.images)
-            region = np.full(seq.n_cells, -1, dtype=np.int16)
-            for r in range(1, 7):
-                cells, _ = resolve((Panel(r, grid=(rows, cols)),), seq)
-                region[cells] = r - 1
+            region = panel_regions(seq, (rows, cols), seq.n_cells)
             question = [t for kind, x in items[img_at + 1 :] if kind == "text" for t in x]
             n_q = max((int(q[7:]) for q in queries if q != "last"), default=0)
             answer = []
