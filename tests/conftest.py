@@ -5,6 +5,9 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 PROMPT = (
@@ -62,3 +65,14 @@ def organism():
     if not all(p.exists() for p in pair):
         pytest.skip(f"the embedded VLM is not in {d}")
     return tuple(str(p) for p in pair)
+
+
+def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``llama-steer ARGS`` in a subprocess, as a shell user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "llama_steer.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_WAIT_POLICY="passive"),
+        timeout=timeout,
+    )

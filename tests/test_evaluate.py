@@ -1,12 +1,10 @@
 """Judges, head sets, schedules, POPE scoring, and a small end-to-end eval on the VLM."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from llama_steer import SteeringError, comics
 from llama_steer.evaluate import (
@@ -75,30 +73,21 @@ def test_pope_questions_and_scores():
 
 
 def test_eval_end_to_end_on_three_strips(organism, tmp_path):
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llama_steer.cli",
-            "eval",
-            "narration,vqa,dynamic,pope",
-            "-m",
-            organism[0],
-            "--mmproj",
-            organism[1],
-            "--heads",
-            "all",
-            "--n-strips",
-            "3",
-            "-t",
-            "2",
-            "-o",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    r = run_cli(
+        "eval",
+        "narration,vqa,dynamic,pope",
+        "-m",
+        organism[0],
+        "--mmproj",
+        organism[1],
+        "--heads",
+        "all",
+        "--n-strips",
+        "3",
+        "-t",
+        "2",
+        "-o",
+        str(tmp_path),
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]

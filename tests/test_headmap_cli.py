@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PROMPT
+from conftest import PROMPT, run_cli
 
 from llama_steer import Steering, SteeringError
 from llama_steer.cli import CliError, parse_heads, parse_schedule
@@ -110,23 +110,11 @@ def test_cli_parsers():
         parse_schedule("0:panel:9/6")
 
 
-def cli(*args, **kw):
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    return subprocess.run(
-        [sys.executable, "-m", "llama_steer.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        **kw,
-    )
-
-
 def test_cli_steers_a_text_model_and_fails_usefully(gemma_path):
-    base = cli("-m", gemma_path, "-p", PROMPT, "-n", "4", "-t", "2")
+    base = run_cli("-m", gemma_path, "-p", PROMPT, "-n", "4", "-t", "2")
     assert base.returncode == 0, base.stderr
     assert base.stdout.strip().startswith("Madrid")
-    steered = cli(
+    steered = run_cli(
         "-m",
         gemma_path,
         "-p",
@@ -144,10 +132,10 @@ def test_cli_steers_a_text_model_and_fails_usefully(gemma_path):
     )
     assert steered.returncode == 0, steered.stderr
     assert steered.stdout.strip().startswith("Berlin")
-    bad = cli("-m", gemma_path, "-p", PROMPT, "--roi", "text:'Paris'", "--mode", "bias")
+    bad = run_cli("-m", gemma_path, "-p", PROMPT, "--roi", "text:'Paris'", "--mode", "bias")
     assert bad.returncode == 2 and "'Paris' is not in the prompt" in bad.stderr
-    assert cli("-m", "/nonexistent.gguf", "-p", "x").returncode == 2
-    img = cli("-m", gemma_path, "--image", "x.png", "-p", "x")
+    assert run_cli("-m", "/nonexistent.gguf", "-p", "x").returncode == 2
+    img = run_cli("-m", gemma_path, "--image", "x.png", "-p", "x")
     assert img.returncode == 2 and "--image needs --mmproj" in img.stderr
 
 

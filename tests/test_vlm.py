@@ -8,6 +8,7 @@ so two different images give bit-identical logits; leave one image cell out and 
 import llama_cpp
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from llama_steer import ImageTokens, Llama, Panel, Steering, comics
 from llama_steer.cli import user_message
@@ -176,33 +177,21 @@ def test_image_boost_raises_attention_to_the_image(vlm):
 
 
 def test_look_writes_an_overlay(organism, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     comics.render(comics.make_strip(71, "2x3")).save(tmp_path / "s.png")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llama_steer.cli",
-            "look",
-            "-m",
-            organism[0],
-            "--mmproj",
-            organism[1],
-            "--image",
-            str(tmp_path / "s.png"),
-            "-p",
-            "What is in panel 2?",
-            "-o",
-            str(tmp_path / "look.png"),
-            "-t",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_WAIT_POLICY="passive"),
+    r = run_cli(
+        "look",
+        "-m",
+        organism[0],
+        "--mmproj",
+        organism[1],
+        "--image",
+        str(tmp_path / "s.png"),
+        "-p",
+        "What is in panel 2?",
+        "-o",
+        str(tmp_path / "look.png"),
+        "-t",
+        "2",
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
@@ -240,10 +229,6 @@ def test_top_heads_steer_and_random_heads_do_not(vlm, shipped_headmap):
 
 
 def test_cli_and_python_agree_on_a_steered_answer(vlm, organism, shipped_headmap, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     strip = comics.render(comics.make_strip(13 * 10**9, "1x6"))
     strip.save(tmp_path / "strip.png")
     hm_path = str(tmp_path / "hm.json")
@@ -257,28 +242,20 @@ def test_cli_and_python_agree_on_a_steered_answer(vlm, organism, shipped_headmap
         "--strength",
         str(shipped_headmap.defaults["strength"]),
     ]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llama_steer.cli",
-            "-m",
-            organism[0],
-            "--mmproj",
-            organism[1],
-            "--image",
-            str(tmp_path / "strip.png"),
-            "-p",
-            "What is in this panel?",
-            "-n",
-            "12",
-            "-t",
-            "2",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_WAIT_POLICY="passive"),
+    r = run_cli(
+        "-m",
+        organism[0],
+        "--mmproj",
+        organism[1],
+        "--image",
+        str(tmp_path / "strip.png"),
+        "-p",
+        "What is in this panel?",
+        "-n",
+        "12",
+        "-t",
+        "2",
+        *args,
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
