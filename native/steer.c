@@ -410,10 +410,7 @@ bool steer_cb_eval(void *tensor, bool ask, void *user_data) {
         } else if (at == 1) {
             observe(h, c, il, (const float *)t->data, ne, nb);
         } else if (kind == NODE_KQ) {
-            float sc = h->scale[il];
-            int fl = sc > 0.0f ? steer_cuda_edit(h, c, il, t->data, ne, nb, 1.0f / sc)
-                               : STEER_F_NO_SCALE;
-            h->stats.flags |= (uint32_t)fl;
+            h->stats.flags |= (uint32_t)steer_cuda_edit(h, c, il, t->data, ne, nb);
         } else {
             h->stats.flags |= (uint32_t)steer_cuda_observe(h, c, il, t->data, ne, nb);
         }
@@ -473,11 +470,8 @@ int steer_hook_edit_device(steer_hook *h, int32_t layer, int32_t phase, void *da
     int s = pin(h);
     const steer_cfg *c = &h->slot[s];
     if (c->edits && (c->phases & phase) && c->layer_any[layer]) {
-        float sc = h->scale[layer];
-        if (!(sc > 0.0f))
-            rc = STEER_E_SCALE;
-        else if (steer_cuda_edit(h, c, layer, data, ne, nb, 1.0f / sc))
-            rc = STEER_E_CUDA;
+        int fl = steer_cuda_edit(h, c, layer, data, ne, nb);
+        rc = fl == STEER_F_NO_SCALE ? STEER_E_SCALE : fl ? STEER_E_CUDA : STEER_OK;
     }
     unpin(h, s);
     return rc;

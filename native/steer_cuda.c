@@ -130,8 +130,10 @@ static int upload(steer_hook *h, const steer_cfg *c) {
 }
 
 int steer_cuda_edit(steer_hook *h, const steer_cfg *c, int32_t il, void *data,
-                    const int64_t ne[4], const int64_t nb[4], float inv_scale) {
+                    const int64_t ne[4], const int64_t nb[4]) {
     steer_cuda *cu = h->cuda;
+    if (!(h->scale[il] > 0.0f)) return STEER_F_NO_SCALE;
+    float inv_scale = 1.0f / h->scale[il];
     if (cu->ctx_set_current(cu->ctx) || upload(h, c)) return STEER_F_CUDA;
     int64_t n_head = ne[2] < h->n_head ? ne[2] : h->n_head;
     CUdeviceptr heads = cu->d_heads + (CUdeviceptr)((size_t)il * h->n_head);

@@ -58,7 +58,7 @@ struct steer_hook {
 
 /* CUDA path: 0 = done, else a STEER_F_* flag to report */
 int steer_cuda_edit(steer_hook *h, const steer_cfg *c, int32_t il, void *data,
-                    const int64_t ne[4], const int64_t nb[4], float inv_scale);
+                    const int64_t ne[4], const int64_t nb[4]);
 int steer_cuda_observe(steer_hook *h, const steer_cfg *c, int32_t il, const void *data,
                        const int64_t ne[4], const int64_t nb[4]);
 void steer_cuda_free(steer_cuda *cu);
