@@ -44,6 +44,7 @@ def make_sample(
     turns: int | None,
     task: str | None,
     weights: dict | None = None,
+    strip_frac: float = 0.6,
 ):
     rng = np.random.default_rng([seed, 5])
     if task is not None:
@@ -51,8 +52,8 @@ def make_sample(
         desc, img, qa = ex.desc, ex.image, [(ex.question, ex.answer)]
     else:
         u = rng.random()
-        if u < 0.6:
-            desc = comics.make_strip(seed, "1x6" if u < 0.3 else "2x3")
+        if u < strip_frac:
+            desc = comics.make_strip(seed, "1x6" if u < strip_frac / 2 else "2x3")
         else:
             desc = comics.make_scene(seed)
         img = comics.render(desc, renderer)
@@ -143,6 +144,15 @@ def main() -> None:
         metavar="TASK=W[@STEP]",
         help="weight of a task among its kind's questions (default 1), from STEP on (default 0)",
     )
+    ap.add_argument("--strip-frac", type=float, default=0.6, help="share of strips (rest: scenes)")
+    ap.add_argument(
+        "--init",
+        help="fine-tune: start from this checkpoint's weights with a fresh optimiser and "
+        "schedule (ignored when OUT/ckpt.pt exists: that run is resumed)",
+    )
+    ap.add_argument(
+        "--seed-offset", type=int, default=0, help="fine-tune: draw images the first run did not"
+    )
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time this many steps and stop")
     args = ap.parse_args()
@@ -175,6 +185,11 @@ def main() -> None:
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state.get("log", [])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    elif args.init:
+        state = torch.load(args.init, weights_only=False)
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        print(f"fine-tuning from {args.init} (its step {state['step']})", flush=True)
     if args.export_only:
         model.eval()
         save_hf_dir(model, tok, out / "hf")
@@ -225,7 +240,15 @@ def main() -> None:
             g["lr"] = lr_at(step)
         weights = task_weights(args.task_weight, step)
         samples = [
-            make_sample(step * args.batch + i, enc, "pillow", None, None, weights)
+            make_sample(
+                step * args.batch + i + args.seed_offset,
+                enc,
+                "pillow",
+                None,
+                None,
+                weights,
+                args.strip_frac,
+            )
             for i in range(args.batch)
         ]
         batch = collate(samples, enc.pad)
