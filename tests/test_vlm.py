@@ -5,12 +5,15 @@ head (-1e4, so softmax gives them exactly 0), the text after the image cannot se
 so two different images give bit-identical logits; leave one image cell out and they differ.
 """
 
+import gc
+import weakref
+
 import llama_cpp
 import numpy as np
 import pytest
 from conftest import run_cli
 
-from llama_steer import ImageTokens, Llama, Panel, Steering, comics
+from llama_steer import ImageTokens, Llama, Panel, Steering, SteeringError, comics
 from llama_steer.cli import user_message
 from llama_steer.score import StripPrompter, score_strip
 
@@ -87,6 +90,28 @@ def test_strength_zero_is_the_unsteered_model_token_for_token(vlm):
         b = zero.create_chat_completion(m, max_tokens=40, temperature=0)
         assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
     assert zero.steering.stats().n_kq_edited == 0
+
+
+def test_a_dropped_model_is_freed_at_once(organism):
+    """No reference cycle through Steering or the chat handler: a dropped model is freed by
+    reference counting, not left to the final collection (where llama-cpp-python's mtmd_free
+    fails on Python's already-closed std streams)."""
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    st = Steering(roi=Panel(2, of=6), strength=4.0)
+    handler = MTMDChatHandler(clip_model_path=organism[1], verbose=False)
+    llm = Llama(model_path=organism[0], chat_handler=handler, steering=st, verbose=False)
+    strip = comics.render(comics.make_strip(3, "1x6"))
+    llm.create_chat_completion([msg([strip], "What is in this panel?")], max_tokens=2)
+    ref = weakref.ref(llm)
+    gc.disable()
+    try:
+        del llm, handler
+        assert ref() is None
+    finally:
+        gc.enable()
+    with pytest.raises(SteeringError, match="not attached"):
+        st.stats()
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import inspect
 import threading
+import weakref
 from collections.abc import Sequence
 
 import llama_cpp
@@ -70,7 +71,7 @@ class _MtmdWatch:
 
     def __init__(self, module, llm: Llama, mmproj: str):
         self._m = module
-        self._llm = llm
+        self._llm = weakref.proxy(llm)  # the model owns its handler: no cycle (see Steering)
         try:
             self._geometry: Geometry | None = Geometry.from_mmproj(mmproj)
         except (GeometryError, OSError, KeyError, ValueError):

@@ -24,6 +24,7 @@ import hashlib
 import math
 import re
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -94,7 +95,9 @@ class Steering:
         top_k: int | None = None,
     ):
         self._lock = threading.RLock()
-        self._llm: Llama | None = None
+        # weak: the model owns its Steering; a cycle would leave the model to the final garbage
+        # collection, after Python has closed the std streams llama-cpp-python frees through
+        self._llm_ref: weakref.ref | None = None
         self._hook: _native.Hook | None = None
         self._key: str | None = None
         self._edits = False
@@ -194,7 +197,7 @@ class Steering:
                     self._hook.set_config(None, np.zeros(0, np.float32), phases=0)
                 except Exception:
                     pass
-            self._llm = None
+            self._llm_ref = None
 
     def __enter__(self) -> Steering:
         return self
@@ -296,8 +299,12 @@ class Steering:
 
                 for w in hm.check_model(llm.model_path, strict=False):
                     warnings.warn(w, stacklevel=3)
-            self._llm, self._hook = llm, hook
+            self._llm_ref, self._hook = weakref.ref(llm), hook
             self._heads_mask()  # validate heads against the model now
+
+    @property
+    def _llm(self) -> Llama | None:
+        return self._llm_ref() if self._llm_ref is not None else None
 
     def _require_llm(self) -> Llama:
         if self._llm is None:
