@@ -99,6 +99,8 @@ setup(
     extras_require={
         "cuda": ["cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=12.8"],
         "hf": ["huggingface-hub"],
+        # bench/torch_compare.py and scripts/organism/ (the PyTorch side; never needed to use)
+        "bench": ["torch", "transformers==4.57.*", "tokenizers", "gguf"],
         "test": [
             "pytest>=8",
             "hypothesis>=6",

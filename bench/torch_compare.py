@@ -1,14 +1,16 @@
 """The same steering done the PyTorch way vs llama-steer, on the same VLM, side by side.
 
-    pip install torch==2.13.0 "transformers==4.57.*"      # bench-only extras
-    python bench/torch_compare.py --hf DIR [--n-predict 48 --reps 5]
+    pip install torch==2.13.0 "transformers==4.57.*" tokenizers gguf   # bench-only extras
+    python bench/torch_compare.py [--hf DIR] [--n-predict 48 --reps 5]
 
-DIR is the organism's Hugging Face export (``python scripts/organism/train.py --export-only``
-writes it; the shipped GGUF pair was converted from it). The PyTorch side is what the gaze-heads
-paper's code does: HF transformers with eager attention and a hook that adds a pre-softmax bias
-to the chosen heads (redirect to panel 3 of a 2x3 strip, every head, strength 4). The llama-steer
-side runs the shipped f16 GGUF pair through llama-cpp-python with the same steering. Prints
-decode tokens/s of both and their ratio (single process, interleaved runs, medians).
+The PyTorch weights are the shipped GGUF pair's, put back into transformers' Qwen2-VL by
+``scripts/organism/from_gguf.py`` (f16 values, computed in fp32), or the Hugging Face directory
+given with --hf (``scripts/organism/train.py --export-only`` writes one). The PyTorch side is
+what the gaze-heads paper's code does: HF transformers with eager attention and a hook that adds
+a pre-softmax bias to the chosen heads (redirect to panel 3 of a 2x3 strip, every head,
+strength 4). The llama-steer side runs the shipped f16 GGUF pair through llama-cpp-python with
+the same steering. Prints decode tokens/s of both and their ratio (single process, interleaved
+runs, medians).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import numpy as np  # noqa: E402
 
 from llama_steer import Llama, Panel, Steering, comics  # noqa: E402
+from llama_steer.cli import embedded_model  # noqa: E402
 
 QUESTION = "Describe the strip."
 
 
-def torch_side(hf: str, img, threads: int, strength: float):
+def torch_side(hf: str | None, img, threads: int, strength: float):
     """A callable running one steered greedy generation with HF eager attention."""
     import torch
     import transformers.models.qwen2_vl.modeling_qwen2_vl as q2
@@ -38,11 +41,17 @@ def torch_side(hf: str, img, threads: int, strength: float):
     from common import Encoder, patchify  # the recipe's own preprocessing (no torchvision)
 
     torch.set_num_threads(threads)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        hf, torch_dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    if hf:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(hf, torch_dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(hf)
+    else:
+        from from_gguf import hf_from_gguf
+
+        model, tok = hf_from_gguf(embedded_model()[0])
+    model.set_attn_implementation("eager")  # the paper's hook point: eager_attention_forward
+    model.eval()
     pix, grid = patchify(img)
-    prompt = Encoder(AutoTokenizer.from_pretrained(hf)).prompt(grid[1] * grid[2] // 4, QUESTION)
+    prompt = Encoder(tok).prompt(grid[1] * grid[2] // 4, QUESTION)
     inputs = {
         "input_ids": torch.tensor([prompt]),
         "attention_mask": torch.ones(1, len(prompt), dtype=torch.long),
@@ -95,7 +104,7 @@ def torch_side(hf: str, img, threads: int, strength: float):
 def gguf_side(img, threads: int, strength: float):
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from llama_steer.cli import embedded_model, user_message
+    from llama_steer.cli import user_message
 
     model, mmproj = embedded_model()
     steer = Steering(heads="all", roi=Panel(3, grid=(2, 3)), mode="redirect", strength=strength)
@@ -124,7 +133,7 @@ def gguf_side(img, threads: int, strength: float):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--hf", required=True, help="the organism's Hugging Face export")
+    ap.add_argument("--hf", help="a Hugging Face export (default: rebuilt from the GGUF pair)")
     ap.add_argument("-n", "--n-predict", type=int, default=48)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)

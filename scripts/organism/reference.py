@@ -31,18 +31,24 @@ def torch_logits(hf: str, png: Path):
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(hf)
     model = Qwen2VLForConditionalGeneration.from_pretrained(hf, torch_dtype=torch.float32).eval()
-    img = Image.open(png).convert("RGB")
-    pix, grid = patchify(img)
-    enc = Encoder(tok)
-    ids = enc.prompt(grid[1] * grid[2] // 4, QUESTION)
+    inputs = torch_inputs(tok, Image.open(png), QUESTION)
     with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            pixel_values=torch.from_numpy(pix),
-            image_grid_thw=torch.tensor([grid]),
-        )
-    return out.logits[0, -1].float().numpy(), ids, tok
+        out = model(**inputs)
+    return out.logits[0, -1].float().numpy(), inputs["input_ids"][0].tolist(), tok
+
+
+def torch_inputs(tok, img, question: str) -> dict:
+    """transformers inputs for one user turn [image, question] in the chat layout."""
+    import torch
+
+    pix, grid = patchify(img.convert("RGB"))
+    ids = Encoder(tok).prompt(grid[1] * grid[2] // 4, question)
+    return dict(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pixel_values=torch.from_numpy(pix),
+        image_grid_thw=torch.tensor([grid]),
+    )
 
 
 def gguf_logits(model: Path, mmproj: Path, png: Path):
