@@ -6,6 +6,8 @@ so two different images give bit-identical logits; leave one image cell out and 
 """
 
 import gc
+import subprocess
+import sys
 import weakref
 
 import llama_cpp
@@ -112,6 +114,24 @@ def test_a_dropped_model_is_freed_at_once(organism):
         gc.enable()
     with pytest.raises(SteeringError, match="not attached"):
         st.stats()
+
+
+def test_a_model_alive_at_exit_is_closed_cleanly(organism):
+    """A steered model still referenced when Python exits (here by a cycle) is closed from
+    atexit, not in finalization where llama-cpp-python's mtmd_free hits closed std streams."""
+    code = f"""
+from llama_cpp.llama_chat_format import MTMDChatHandler
+from llama_steer import Llama, Steering, comics
+from llama_steer.cli import user_message
+h = MTMDChatHandler(clip_model_path={organism[1]!r}, verbose=False)
+llm = Llama(model_path={organism[0]!r}, chat_handler=h, steering=Steering(), verbose=False)
+img = comics.render(comics.make_strip(1, "2x3"))
+llm.create_chat_completion([user_message("What is in panel 2?", [img])], max_tokens=2)
+llm.me = llm
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

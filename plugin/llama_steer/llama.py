@@ -19,6 +19,7 @@ Without ``steering`` nothing is installed: the object is exactly the parent.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import inspect
@@ -62,6 +63,19 @@ def _cb_eval_in_default_params(hook: _native.Hook):
             yield cb
         finally:
             _lc.llama_context_default_params = original
+
+
+# Steered models still open when the interpreter exits are closed from atexit, while the std
+# streams are open: left to finalization (a traceback or a global keeping one alive), the
+# parent's close() frees mtmd through a stdout/stderr redirect that fails on closed streams.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    for llm in list(_LIVE):
+        with contextlib.suppress(Exception):
+            llm.close()
 
 
 class _MtmdWatch:
@@ -223,6 +237,7 @@ class Llama(llama_cpp.Llama):
                     handler._mtmd_cpp, self, getattr(handler, "clip_model_path", "")
                 )
             steering._attach(self, hook)
+            _LIVE.add(self)
             self._steering = steering
         except BaseException:
             self._steer_hook = None
