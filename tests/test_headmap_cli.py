@@ -60,6 +60,9 @@ def test_round_trip_and_head_sets(tmp_path):
         (lambda d: d["heads"].append(dict(d["heads"][0])), "repeats"),
         (lambda d: d["heads"].reverse(), "sorted best first"),
         (lambda d: d.update(scores=[[0.0] * 4] * 3), "18 x 4 matrix"),
+        (lambda d: d["defaults"].update(strenght=4), "unknown key defaults.'strenght'"),
+        (lambda d: d["defaults"].update(strength="4"), "defaults.'strength' must be"),
+        (lambda d: d["defaults"].update(decode_only=1), "defaults.'decode_only' must be bool"),
     ],
 )
 def test_bad_headmaps_name_the_key(mutate, msg):
@@ -108,6 +111,26 @@ def test_cli_parsers():
         parse_schedule("5:left,2:right")
     with pytest.raises(SteeringError, match="panel 9 does not exist"):
         parse_schedule("0:panel:9/6")
+
+
+def test_cli_takes_the_headmaps_recommendations_unless_overridden(tmp_path):
+    import argparse
+
+    from llama_steer.cli import add_steer_args, make_steering
+
+    path = tmp_path / "hm.json"
+    rec = {"top_k": 5, "mode": "redirect", "strength": 12.0, "decode_only": True}
+    headmap(defaults=dict(rec, focus="content")).save(path)
+    p = argparse.ArgumentParser()
+    add_steer_args(p)
+    st, _ = make_steering(p.parse_args(["--headmap", str(path), "--roi", "panel:2/6"]))
+    assert (st.mode, st.strength, st.decode_only, st.focus) == ("redirect", 12.0, True, "content")
+    assert len(st.heads) == 5
+    flags = ["--strength", "3", "--no-decode-only", "--focus", "none", "--mode", "bias"]
+    st, _ = make_steering(p.parse_args(["--headmap", str(path), "--roi", "panel:2/6", *flags]))
+    assert (st.mode, st.strength, st.decode_only, st.focus) == ("bias", 3.0, False, None)
+    st, _ = make_steering(p.parse_args(["--roi", "panel:2/6"]))  # no headmap: plain defaults
+    assert (st.mode, st.strength, st.decode_only, st.focus) == ("redirect", 4.0, False, None)
 
 
 def test_cli_steers_a_text_model_and_fails_usefully(gemma_path):

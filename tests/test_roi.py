@@ -5,9 +5,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama_steer import Box, ImageTokens, Panel, Region, Saliency, SteeringError, Text, parse_roi
-from llama_steer.roi import RoiError, Seq, domain_of, resolve
-from llama_steer.vision import Geometry, ImageSpan
+from llama_steer import (
+    Box,
+    ImageTokens,
+    Panel,
+    Region,
+    Saliency,
+    Steering,
+    SteeringError,
+    Text,
+    parse_roi,
+)
+from llama_steer.roi import RoiError, Seq, domain_of, focus_content, resolve
+from llama_steer.vision import Geometry, ImageSpan, content_tokens
 
 QWEN2VL = Geometry("qwen2vl_merger", patch_size=14, merge=2, min_tokens=8, max_tokens=4096)
 
@@ -148,3 +158,48 @@ def test_saliency_is_averaged_per_token(tmp_path):
     np.testing.assert_allclose(w2, w, atol=1e-9)
     with pytest.raises(SteeringError, match="does not exist"):
         resolve((Saliency(str(tmp_path / "nope.png")),), seq)
+
+
+def _drawing(w=252, h=168, bg=(230, 225, 210)):
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = bg
+    return img
+
+
+def test_content_focus_keeps_the_tokens_that_show_something():
+    g = QWEN2VL.grid(252, 168)  # 9x6 tokens of 28 px
+    img = _drawing()
+    img[28:84, 84:140] = (200, 30, 30)  # a red square on tokens (1..2, 3..4)
+    img[140:168, 0:3] = (20, 20, 20)  # a thin border stroke: 3/28 of a token < 15%
+    panel = np.array([r * 9 + c for r in range(3) for c in range(3, 6)])
+    np.testing.assert_array_equal(content_tokens(img, g, panel), [12, 13, 21, 22])
+    left = np.array([r * 9 + c for r in range(3, 6) for c in range(3)])
+    np.testing.assert_array_equal(content_tokens(img, g, left), left)  # nothing: all kept
+    img[56:84, 168:172] = (0, 0, 255)  # 4x28 px = 14% of token 24: not enough
+    img[0:28, 224:252] = (0, 0, 255)  # all of token 8
+    whole = np.arange(54)
+    np.testing.assert_array_equal(content_tokens(img, g, whole), [8, 12, 13, 21, 22])
+    # a photo-like region without one dominant colour: nothing stands out, all kept
+    noisy = np.random.default_rng(0).integers(0, 256, (168, 252, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(content_tokens(noisy, g, panel), panel)
+
+
+def test_focus_content_narrows_image_cells_only():
+    g = QWEN2VL.grid(252, 168)
+    img = _drawing()
+    img[28:84, 84:140] = (200, 30, 30)
+    seq = Seq([0] * 70, [b""] * 70, np.arange(70), [ImageSpan(1, g, 5, 5, 9, img)])
+    cells, _ = resolve(parse_roi("panel:2@2x3"), seq)
+    text = np.array([0, 1, 2])
+    got = focus_content(np.concatenate([text, cells]), seq)
+    np.testing.assert_array_equal(got, [0, 1, 2, 5 + 12, 5 + 13, 5 + 21, 5 + 22])
+    no_pixels = Seq([0] * 70, [b""] * 70, np.arange(70), [ImageSpan(1, g, 5, 5, 9)])
+    np.testing.assert_array_equal(focus_content(cells, no_pixels), cells)
+
+
+def test_focus_is_validated():
+    with pytest.raises(SteeringError, match="focus='edges' is not one of"):
+        Steering(roi=Panel(1, of=6), focus="edges")
+    with pytest.raises(SteeringError, match="use one or the other"):
+        Steering(roi=Panel(1, of=6), mode="bias", weights=np.ones(9), focus="content")
+    assert "focus='content'" in repr(Steering(roi=Panel(1, of=6), focus="content"))

@@ -8,6 +8,7 @@ the next token on):
     /roi SPEC        retarget (grammar of --roi: panel:4/6, box:..., 50:99, text:"...")
     /mode MODE       bias | shift | redirect | emphasize
     /strength S      logit units
+    /focus F         content (image ROIs: only the tokens showing something) | none
     /off, /on        steering off (strength 0) / back on
     /heads SPEC      all, or L0H3,L2H1
     /image PATH      attach an image to the next message
@@ -62,6 +63,9 @@ class Session:
                 st.update(strength=float(arg))
                 self.saved_strength = st.strength or self.saved_strength
                 self.say(f"[strength {st.strength:g}]")
+            elif name == "focus":
+                st.update(focus=None if arg in ("", "none") else arg)
+                self.say(f"[focus {arg or 'none'}]")
             elif name == "off":
                 if st.strength:
                     self.saved_strength = st.strength

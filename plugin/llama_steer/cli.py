@@ -65,8 +65,15 @@ def add_steer_args(p: argparse.ArgumentParser) -> None:
         "panel:k@RxC, left|right|top|bottom|top-left|...|center, saliency:FILE, "
         'text:"...", joined with +; imageN: picks an image',
     )
-    g.add_argument("--mode", default="redirect", choices=MODES)
-    g.add_argument("--strength", type=float, default=4.0, help="logit units (0 = off)")
+    g.add_argument(
+        "--mode", default=None, choices=MODES, help="default: the headmap's, else redirect"
+    )
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="logit units, 0 = off (default: the headmap's, else 4)",
+    )
     g.add_argument(
         "--heads", default=None, help="all, layers:A-B, or L0H3,L2H1 (layer/head, 0-based)"
     )
@@ -77,7 +84,19 @@ def add_steer_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="heads taken from --headmap (default: the headmap's recommendation)",
     )
-    g.add_argument("--decode-only", action="store_true", help="steer generated tokens only")
+    g.add_argument(
+        "--decode-only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="steer generated tokens only (default: the headmap's, else off)",
+    )
+    g.add_argument(
+        "--focus",
+        choices=["content", "none"],
+        default=None,
+        help="content: boost only the image tokens of the ROI that show something, not a "
+        "panel's plain background (default: the headmap's, else none)",
+    )
     g.add_argument(
         "--schedule",
         help='"N:ROI,M:ROI": retarget after N, M generated tokens '
@@ -250,6 +269,9 @@ def show_grid(mmproj: str, images: list[str], roi: str | None, out=sys.stdout) -
 
 # -- run -----------------------------------------------------------------------------------
 def make_steering(args):
+    """Steering from the flags; with --headmap, its recommended mode, strength, decode-only
+    and focus fill in the flags not given."""
+    from llama_steer.headmap import Headmap
     from llama_steer.steering import Steering
 
     roi = args.roi
@@ -258,15 +280,24 @@ def make_steering(args):
         roi = schedule[0][1]
     if args.headmap and args.heads:
         raise CliError("--heads and --headmap both pick heads: give one")
-    heads = (
-        dict(headmap=args.headmap, top_k=args.top_k)
-        if args.headmap
-        else dict(heads=parse_heads(args.heads))
-    )
-    if roi is None and args.mode != "image-boost":
+    hm = Headmap.load(args.headmap) if args.headmap else None
+    rec = hm.defaults if hm else {}
+    heads = dict(headmap=hm, top_k=args.top_k) if hm else dict(heads=parse_heads(args.heads))
+    mode = args.mode or rec.get("mode", "redirect")
+    if roi is None and mode != "image-boost":
         return Steering(strength=0.0, **heads), schedule
+    focus = args.focus or rec.get("focus")
     return Steering(
-        roi=roi, mode=args.mode, strength=args.strength, decode_only=args.decode_only, **heads
+        roi=roi,
+        mode=mode,
+        strength=args.strength if args.strength is not None else float(rec.get("strength", 4.0)),
+        decode_only=(
+            args.decode_only
+            if args.decode_only is not None
+            else bool(rec.get("decode_only", False))
+        ),
+        focus=None if focus == "none" else focus,
+        **heads,
     ), schedule
 
 

@@ -16,6 +16,9 @@ Schema (version 1, JSON)::
      "heads": [{"layer": 3, "head": 5, "score": 0.41}, ...],     best first
      "scores": [[...n_head...], ...n_layer...] or null,          the full matrix
      "defaults": {"top_k": 10, "mode": "redirect", "strength": 6.0}}
+
+``defaults`` (all optional) are what the CLI uses when a flag is not given: top_k (int), mode
+(str, a steering mode), strength (number), decode_only (bool), focus (null or "content").
 """
 
 from __future__ import annotations
@@ -47,6 +50,32 @@ def _need(d: dict, key: str, kind, where: str):
         name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise HeadmapError(f"headmap: key {where}{key!r} must be {name}, got {v!r}")
     return v
+
+
+_DEFAULTS = {
+    "top_k": int,
+    "mode": str,
+    "strength": (int, float),
+    "decode_only": bool,
+    "focus": (str, type(None)),
+}
+
+
+def _check_defaults(d) -> dict:
+    if not isinstance(d, dict):
+        raise HeadmapError(f"headmap: key 'defaults' must be an object, got {d!r}")
+    for k in d:
+        if k not in _DEFAULTS:
+            raise HeadmapError(
+                f"headmap: unknown key defaults.{k!r}; known: {', '.join(_DEFAULTS)}"
+            )
+        kind = _DEFAULTS[k]
+        if kind is bool:
+            if not isinstance(d[k], bool):
+                raise HeadmapError(f"headmap: key defaults.{k!r} must be bool, got {d[k]!r}")
+        else:
+            _need(d, k, kind, "defaults.")
+    return d
 
 
 @dataclass(frozen=True)
@@ -165,7 +194,7 @@ class Headmap:
             heads=heads,
             method=data.get("method") or {},
             scores=data.get("scores"),
-            defaults=data.get("defaults") or {},
+            defaults=_check_defaults(data.get("defaults") or {}),
             version=v,
         )
 

@@ -97,14 +97,24 @@ class _MtmdWatch:
     def mtmd_tokenize(self, ctx, chunks, text, bitmaps, n_bitmaps):
         rc = self._m.mtmd_tokenize(ctx, chunks, text, bitmaps, n_bitmaps)
         if rc == 0:
-            sizes = [
-                (self._m.mtmd_bitmap_get_nx(bitmaps[i]), self._m.mtmd_bitmap_get_ny(bitmaps[i]))
-                for i in range(n_bitmaps)
-            ]
-            self._llm._steer_prompt_layout(self._layout(chunks, sizes))
+            pixels = [self._pixels(bitmaps[i]) for i in range(n_bitmaps)]
+            self._llm._steer_prompt_layout(self._layout(chunks, pixels))
         return rc
 
-    def _layout(self, chunks, sizes) -> list:
+    def _pixels(self, bitmap) -> np.ndarray:
+        """(height, width, 3) uint8 copy of an image bitmap (for focus="content")."""
+        m = self._m
+        nx, ny = int(m.mtmd_bitmap_get_nx(bitmap)), int(m.mtmd_bitmap_get_ny(bitmap))
+        n = int(m.mtmd_bitmap_get_n_bytes(bitmap))
+        if n != nx * ny * 3:
+            return np.zeros((ny, nx, 0), np.uint8)  # not RGB: size only, content unknown
+        return (
+            np.ctypeslib.as_array(m.mtmd_bitmap_get_data(bitmap), shape=(n,))
+            .reshape(ny, nx, 3)
+            .copy()
+        )
+
+    def _layout(self, chunks, pixels: list) -> list:
         m = self._m
         out, img = [], 0
         for i in range(m.mtmd_input_chunks_size(chunks)):
@@ -121,9 +131,10 @@ class _MtmdWatch:
             nx, ny = m.mtmd_image_tokens_get_nx(toks), m.mtmd_image_tokens_get_ny(toks)
             n_tokens = m.mtmd_input_chunk_get_n_tokens(ch)
             n_pos = m.mtmd_input_chunk_get_n_pos(ch)
-            w, h = sizes[img] if img < len(sizes) else (0, 0)
+            px = pixels[img] if img < len(pixels) else np.zeros((0, 0, 0), np.uint8)
             img += 1
-            out.append(("image", self._grid(w, h, nx, ny), int(n_tokens), int(n_pos)))
+            grid = self._grid(px.shape[1], px.shape[0], nx, ny)
+            out.append(("image", grid, int(n_tokens), int(n_pos), px if px.size else None))
         return out
 
     def _grid(self, w: int, h: int, nx: int, ny: int) -> ImageGrid:
@@ -339,13 +350,13 @@ class Llama(llama_cpp.Llama):
                 tokens.extend(item[1])
                 cells += len(item[1])
                 continue
-            _, grid, n_tok, n_pos = item
+            _, grid, n_tok, n_pos, px = item
             if n_tok != grid.n_tokens:
                 raise SteeringError(
                     f"mtmd reports {n_tok} tokens for an image of {grid.nx}x{grid.ny}; "
                     "this projector's layout is not supported by llama-steer"
                 )
-            images.append(ImageSpan(len(images) + 1, grid, cells, len(tokens), n_pos))
+            images.append(ImageSpan(len(images) + 1, grid, cells, len(tokens), n_pos, px))
             tokens.extend([0] * n_pos)
             cells += n_tok
         self._steer_images = images

@@ -11,6 +11,7 @@
     Saliency(map)          a PNG/NPY/array resampled to the token grid: real-valued weights
     parse_roi("...")       the CLI grammar (below) -> a tuple of the above
     resolve(targets, seq)  -> (cells, weights or None)
+    focus_content(cells, seq)  image cells narrowed to those showing content (vision.py)
 
 Image targets take ``image=k`` (1-based) when a prompt holds several images. A list or tuple
 of targets is their union.
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_steer._errors import SteeringError
-from llama_steer.vision import NAMED_REGIONS, GeometryError, ImageSpan
+from llama_steer.vision import NAMED_REGIONS, GeometryError, ImageSpan, content_tokens
 
 __all__ = [
     "Box",
@@ -455,6 +456,20 @@ def resolve(targets: tuple, seq: Seq) -> tuple[np.ndarray, np.ndarray | None]:
     all_w = np.concatenate(weights)
     uniq, first = np.unique(all_c, return_index=True)
     return uniq, (all_w[first] if any_weights else None)
+
+
+def focus_content(cells: np.ndarray, seq: Seq) -> np.ndarray:
+    """``cells`` with each image's part narrowed to the tokens that show content
+    (``vision.content_tokens``); text cells and images without recorded pixels unchanged."""
+    out = [cells]
+    for span in seq.images:
+        lo, hi = span.first_cell, span.first_cell + span.grid.n_tokens
+        inside = (cells >= lo) & (cells < hi)
+        if span.pixels is None or not inside.any():
+            continue
+        kept = content_tokens(span.pixels, span.grid, cells[inside] - lo) + lo
+        out = [out[0][~((out[0] >= lo) & (out[0] < hi))], *out[1:], kept]
+    return np.unique(np.concatenate(out)).astype(np.int64)
 
 
 def domain_of(targets: tuple, seq: Seq) -> np.ndarray:

@@ -31,12 +31,21 @@ import numpy as np
 
 from llama_steer import _native
 from llama_steer._errors import SteeringError
-from llama_steer.roi import IMAGE_TARGETS, Saliency, Seq, as_targets, domain_of, resolve
+from llama_steer.roi import (
+    IMAGE_TARGETS,
+    Saliency,
+    Seq,
+    as_targets,
+    domain_of,
+    focus_content,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from llama_steer.llama import Llama
 
 MODES = ("bias", "shift", "redirect", "emphasize", "image-boost")
+FOCUS = (None, "content")
 # biases are finite and bounded so an edited row stays finite (no all -inf row, no NaN)
 MAX_STRENGTH = 1.0e4
 
@@ -78,6 +87,9 @@ class Steering:
         whole image for image targets.
     decode_only: edit only generated tokens' queries (the gaze-heads default) instead of
         prompt and generated tokens.
+    focus: None, or "content": narrow image targets to the tokens that show something
+        (drawings and comics: a panel's plain background is left out of the boost; rule in
+        vision.py). Redirect then suppresses the target's background with the rest.
     headmap, top_k: take ``heads`` from a Headmap (or its JSON path): its top_k heads
         (default: the headmap's recommended top_k). Checked against the model when attached.
     """
@@ -93,6 +105,7 @@ class Steering:
         decode_only: bool = False,
         headmap=None,
         top_k: int | None = None,
+        focus: str | None = None,
     ):
         self._lock = threading.RLock()
         # weak: the model owns its Steering; a cycle would leave the model to the final garbage
@@ -117,6 +130,7 @@ class Steering:
                 decode_only=decode_only,
                 headmap=headmap,
                 top_k=top_k,
+                focus=focus,
             )
         )
 
@@ -140,6 +154,10 @@ class Steering:
     @property
     def decode_only(self) -> bool:
         return self._cfg["decode_only"]
+
+    @property
+    def focus(self) -> str | None:
+        return self._cfg["focus"]
 
     def update(self, **changes) -> Steering:
         """Change any constructor argument; takes effect at the next evaluated token, also
@@ -210,7 +228,8 @@ class Steering:
         heads = c["heads"] if isinstance(c["heads"], str) else f"<{self._n_heads_desc()}>"
         return (
             f"Steering(heads={heads}, roi={list(c['roi'])}, mode={c['mode']!r}, "
-            f"strength={c['strength']:g}, decode_only={c['decode_only']})"
+            f"strength={c['strength']:g}, decode_only={c['decode_only']}"
+            + (f", focus={c['focus']!r})" if c["focus"] else ")")
         )
 
     # -- validation -------------------------------------------------------------------------
@@ -268,6 +287,13 @@ class Steering:
                 raise SteeringError("weights contain NaN or infinity: pass finite values")
             cfg["weights"] = w
         has_saliency = any(isinstance(t, Saliency) for t in cfg["roi"])
+        if cfg["focus"] not in FOCUS:
+            raise SteeringError(f"focus={cfg['focus']!r} is not one of {FOCUS}")
+        if cfg["focus"] and (w is not None or has_saliency):
+            raise SteeringError(
+                "focus= narrows the ROI, but weights / a Saliency roi give one value per ROI "
+                "cell: use one or the other"
+            )
         if w is not None and has_saliency:
             raise SteeringError(
                 "give the weights either as weights= or as a Saliency roi, not both"
@@ -351,6 +377,8 @@ class Steering:
             cells, w_roi = np.unique(np.concatenate([im.cells for im in seq.images])), None
         else:
             cells, w_roi = resolve(c["roi"], seq)
+        if c["focus"] == "content":
+            cells = focus_content(cells, seq)
         w = c["weights"] if c["weights"] is not None else w_roi
         if c["weights"] is not None and c["weights"].size != cells.size:
             raise SteeringError(

@@ -5,6 +5,7 @@ region covers.
     ImageGrid .......... one image: original size, token grid nx x ny, the letterbox
     ImageGrid.box_tokens(x0, y0, x1, y1)   token indices (row-major) a pixel box covers
     ImageSpan .......... an image inside a prompt: its grid, first KV cell, first position
+    content_tokens() ... the tokens of a region that show something (focus="content")
 
 The rule for Qwen2-VL-family projectors (llama.cpp's mtmd "dyn_size" preprocessor): the image
 is fitted, aspect ratio kept, into a canvas whose sides are multiples of patch_size * merge
@@ -13,19 +14,29 @@ centred, padded with black (PAD_CEIL); each merged token is one align x align ca
 A token belongs to a box when at least half of its area (in original-image pixels, padding
 excluded) lies inside the box; a box smaller than that selects the one token under its centre.
 The grid predicted here is checked against the nx x ny that mtmd actually produced.
+
+Content focus (``content_tokens``): within a region, the background is its most common colour
+(RGB quantised to 16 levels per channel); a pixel shows content when it differs from that
+colour by more than 60 (sum of |dR|+|dG|+|dB|, 0..765); a token is kept when at least 15% of
+its pixels do. If no token qualifies (a photo with no flat background, an empty panel), the
+whole region is kept. Meant for drawings, comics and diagrams, where a panel's uniform
+background tokens carry nothing to describe.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from llama_steer._gguf import read_metadata
 
-__all__ = ["Geometry", "ImageGrid", "ImageSpan", "NAMED_REGIONS"]
+__all__ = ["Geometry", "ImageGrid", "ImageSpan", "NAMED_REGIONS", "content_tokens"]
+
+CONTENT_DIFF = 60  # |dR|+|dG|+|dB| above which a pixel differs from the background
+CONTENT_FRAC = 0.15  # share of a token's pixels that must differ for it to count
 
 # projectors whose preprocessing is the dyn_size smart resize above, with their token limits
 _DYN_SIZE = {
@@ -209,7 +220,39 @@ class ImageSpan:
     first_cell: int
     first_pos: int
     n_pos: int
+    # (height, width, 3) uint8 RGB as mtmd received it; None when not recorded
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def cells(self) -> np.ndarray:
         return np.arange(self.first_cell, self.first_cell + self.grid.n_tokens, dtype=np.int64)
+
+
+def content_tokens(pixels: np.ndarray, grid: ImageGrid, tokens: np.ndarray) -> np.ndarray:
+    """The subset of ``tokens`` (row-major indices) whose pixels show content (rule in the
+    module docstring); all of ``tokens`` when none does.
+
+    pixels: (height, width, 3) uint8, the original image (grid.width x grid.height).
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size == 0 or grid.align == 0:
+        return tokens
+    h, w = pixels.shape[:2]
+    if (w, h) != (grid.width, grid.height):
+        return tokens
+    boxes = np.rint(grid.token_boxes()[tokens]).astype(np.int64)
+    px = [pixels[y0:y1, x0:x1].reshape(-1, 3) for x0, y0, x1, y1 in boxes]
+    allpx = np.concatenate(px).astype(np.int64)
+    if allpx.size == 0:
+        return tokens
+    q = allpx // 16
+    keys, counts = np.unique(q[:, 0] * 256 + q[:, 1] * 16 + q[:, 2], return_counts=True)
+    k = int(keys[counts.argmax()])
+    bg = np.array([k // 256, (k // 16) % 16, k % 16]) * 16 + 8
+    keep = [
+        p.size > 0
+        and (np.abs(p.astype(np.int64) - bg).sum(1) > CONTENT_DIFF).mean() >= CONTENT_FRAC
+        for p in px
+    ]
+    out = tokens[np.array(keep, dtype=bool)]
+    return out if out.size else tokens
