@@ -89,9 +89,17 @@ def head_sets(spec: str, headmap, seed: int = 0) -> dict:
 class Evaluator:
     """Runs the experiments on one steering Llama with an mtmd chat handler."""
 
-    def __init__(self, llm, strength: float, decode_only: bool = True, max_tokens: int = 12):
+    def __init__(
+        self,
+        llm,
+        strength: float,
+        decode_only: bool = True,
+        max_tokens: int = 12,
+        focus: str | None = None,
+    ):
         self.llm, self.steer = llm, llm.steering
         self.strength, self.decode_only, self.max_tokens = strength, decode_only, max_tokens
+        self.focus = focus
 
     def ask(self, img, question: str, max_tokens: int | None = None) -> str:
         m = [user_message(question, [img])]
@@ -107,6 +115,7 @@ class Evaluator:
             mode="redirect",
             strength=self.strength,
             decode_only=self.decode_only,
+            focus=self.focus,
         )
 
     def _off(self) -> None:
@@ -151,7 +160,7 @@ class Evaluator:
                 degen[name].append(distinct_n(ans.split(), 2))
         return self._summary(recs, degen)
 
-    def dynamic(self, strips, heads, every: int = 6, seed: int = 0, n_tokens: int = 48) -> dict:
+    def dynamic(self, strips, heads, every: int = 5, seed: int = 0, n_tokens: int = 48) -> dict:
         """Narration with the target switched every ``every`` generated tokens along a random
         derangement of the panels (no panel stays in its reading-order slot)."""
         rng = np.random.default_rng(seed)
@@ -261,6 +270,7 @@ class Evaluator:
                             mode="redirect",
                             strength=s,
                             decode_only=self.decode_only,
+                            focus=self.focus,
                         )
                         ans, logits, att = self._probe(img, roi, (rows, cols, t), mask)
                         b_ans, b_logits, _ = base[i]
@@ -503,9 +513,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headmap")
     p.add_argument("--heads", default="top:10,random:10,bottom:10,all", dest="sets")
     p.add_argument("--strength", type=float, default=None, help="default: the headmap's")
+    p.add_argument(
+        "--focus",
+        choices=["content", "none"],
+        default=None,
+        help="image ROIs: only tokens showing something (default: the headmap's, else none)",
+    )
     p.add_argument("--n-strips", type=int, default=100)
     p.add_argument("--layout", default="both", choices=["both", "2x3", "1x6"])
-    p.add_argument("--every", type=int, default=6, help="dynamic: tokens per target")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=5,
+        help="dynamic: tokens per target (5 = one object of the embedded model's narration, "
+        '"a red circle, then")',
+    )
     p.add_argument("--boost-layers", default=None, help="pope: layers:A-B for image-boost")
     p.add_argument("--boost-strength", type=float, default=2.0)
     p.add_argument("--eval-seed", type=int, default=0, help="which held-out strips and draws")
@@ -541,13 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]
     base = 5 * 10**9 + 1000 * args.eval_seed  # seeds no training used
     strips = [comics.make_strip(base + i, layouts[i % len(layouts)]) for i in range(args.n_strips)]
-    ev = Evaluator(llm, strength)
+    focus = args.focus or ((hm.defaults.get("focus") if hm else None) or "none")
+    ev = Evaluator(llm, strength, focus=None if focus == "none" else focus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "model": model,
         "headmap": args.headmap,
         "strength": strength,
+        "focus": ev.focus,
         "n_strips": args.n_strips,
         "head_sets": {
             k: v if isinstance(v, str) else [list(x) for x in v] for k, v in sets.items()
