@@ -266,10 +266,10 @@ def test_top_heads_steer_and_random_heads_do_not(vlm, shipped_headmap):
     hm = shipped_headmap
     k = int(hm.defaults["top_k"])
     llm = vlm(Steering(strength=0.0))
-    ev = Evaluator(llm, float(hm.defaults["strength"]))
+    ev = Evaluator(llm, float(hm.defaults["strength"]), focus=hm.defaults.get("focus"))
     strips = [comics.make_strip(12 * 10**9 + i, ("2x3", "1x6")[i % 2]) for i in range(4)]
     res = ev.narration(strips, {"top": hm.top(k), "random": hm.random(k, seed=0)})
-    assert res["top"]["accuracy"]["mean"] >= 0.5, res
+    assert res["top"]["accuracy"]["mean"] >= 0.8, res
     assert res["random"]["accuracy"]["mean"] <= 0.2, res
 
 
@@ -311,6 +311,7 @@ def test_cli_and_python_agree_on_a_steered_answer(vlm, organism, shipped_headmap
             mode="redirect",
             decode_only=True,
             strength=float(shipped_headmap.defaults["strength"]),
+            focus=shipped_headmap.defaults.get("focus"),  # the CLI took it from the headmap
         )
     )
     out = llm.create_chat_completion(
