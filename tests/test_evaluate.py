@@ -75,7 +75,7 @@ def test_pope_questions_and_scores():
 def test_eval_end_to_end_on_three_strips(organism, tmp_path):
     r = run_cli(
         "eval",
-        "narration,vqa,dynamic,pope",
+        "narration,vqa,box,dynamic,pope",
         "-m",
         organism[0],
         "--mmproj",
@@ -92,10 +92,11 @@ def test_eval_end_to_end_on_three_strips(organism, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "report.json").read_text())
-    for exp in ("narration", "vqa"):
+    for exp in ("narration", "vqa", "box"):
         acc = rep[exp]["all"]["accuracy"]
         assert 0 <= acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1] <= 1
     assert set(rep["dynamic"]) == {"segment_accuracy", "spearman", "staircases"}
     assert set(rep["pope"]) == {"unsteered", "image-boost"}
     assert set(rep["pope"]["unsteered"]) == {"random", "popular", "adversarial"}
+    assert rep["box"]["all"]["n"] >= 3  # 3 scenes of 2-4 objects, the first one skipped
     assert (tmp_path / "narration.png").exists() and (tmp_path / "dynamic_staircase_0.png").exists()

@@ -63,3 +63,13 @@ def test_bootstrap_ci_brackets_the_mean():
     assert mean == pytest.approx(0.7) and lo < 0.7 < hi
     assert 0.58 < lo < 0.66 and 0.74 < hi < 0.82  # binomial sd ~0.046
     assert bootstrap_ci(v, seed=1) == bootstrap_ci(v, seed=1)  # deterministic given a seed
+
+
+def test_score_pictures_replace_an_earlier_runs(tmp_path):
+    from llama_steer.score import GazeSums, write_pictures
+
+    rng = np.random.default_rng(0)
+    first = write_pictures(GazeSums(["last"], rng.random((1, 2, 3, 6, 6)), 1), tmp_path, n_top=2)
+    second = write_pictures(GazeSums(["last"], rng.random((1, 2, 3, 6, 6)), 1), tmp_path, n_top=2)
+    assert sorted(tmp_path.iterdir()) == sorted(second)
+    assert first[0] == second[0]  # the heatmap keeps its name

@@ -6,6 +6,8 @@
     Evaluator ................. one model + chat handler; runs the experiments:
         narration   the ambiguous "What is in this panel?" steered to panels 2..6
         vqa         "What is in panel i?" steered to a panel j != i
+        box         "What objects are in the image?" on scenes, steered with box: to one
+                    object's bounding box: does the answer now open with it?
         dynamic     "Describe the strip." with a derangement schedule switching every N
                     tokens: per-segment accuracy, Spearman(schedule, described panel), and
                     the panel the steered heads attend to at every token (staircase)
@@ -158,6 +160,29 @@ class Evaluator:
                 ans = self.ask(img, f"What is in panel {i}?")
                 recs[name].append(float(objects_in(ans)[:1] == [desc.panels[j - 1].thing.name]))
                 degen[name].append(distinct_n(ans.split(), 2))
+        return self._summary(recs, degen)
+
+    def box(self, scenes, sets: dict) -> dict:
+        """Scenes asked "What objects are in the image?", steered with ``box:`` to one object's
+        bounding box (pixels): success when the answer now opens with that object. Objects
+        the unsteered answer already opens with are skipped."""
+        recs = {name: [] for name in sets}
+        degen = {name: [] for name in sets}
+        q = "What objects are in the image?"
+        for desc in scenes:
+            img = comics.render(desc)
+            self._off()
+            base = self.ask(img, q, max_tokens=24)
+            first = objects_in(base)[:1]
+            for name, heads in sets.items():
+                for t in desc.things:
+                    if [t.name] == first:
+                        continue
+                    x0, y0, x1, y1 = (min(max(v, 0), desc.size[0]) for v in t.box)
+                    self._steer(heads, f"box:{x0},{y0},{x1},{y1}")
+                    ans = self.ask(img, q, max_tokens=24)
+                    recs[name].append(float(objects_in(ans)[:1] == [t.name]))
+                    degen[name].append(distinct_n(ans.split(), 2))
         return self._summary(recs, degen)
 
     def dynamic(self, strips, heads, every: int = 5, seed: int = 0, n_tokens: int = 48) -> dict:
@@ -507,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "experiments", help="comma list of vqa,narration,dynamic,pope,sweep (all: the first four)"
+        "experiments",
+        help="comma list of vqa,narration,box,dynamic,pope,sweep (all: the first five)",
     )
     add_model_args(p)
     p.add_argument("--headmap")
@@ -536,13 +562,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--out", default="report")
     args = p.parse_args(argv)
     exps = (
-        ["vqa", "narration", "dynamic", "pope"]
+        ["vqa", "narration", "box", "dynamic", "pope"]
         if args.experiments == "all"
         else [e.strip() for e in args.experiments.split(",")]
     )
     for e in exps:
-        if e not in ("vqa", "narration", "dynamic", "pope", "sweep"):
-            raise CliError(f"unknown experiment {e!r}: vqa, narration, dynamic, pope, sweep, all")
+        if e not in ("vqa", "narration", "box", "dynamic", "pope", "sweep"):
+            raise CliError(
+                f"unknown experiment {e!r}: vqa, narration, box, dynamic, pope, sweep, all"
+            )
     if "sweep" in exps and not args.headmap:
         raise CliError("the sweep ranks heads: pass --headmap")
     model, mmproj = resolve_model(args)
@@ -582,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         if "narration" in exps:
             report["narration"] = ev.narration(strips, sets)
             bar_png(report["narration"], out / "narration.png", "narration: steered to panel k")
+        if "box" in exps:
+            scenes = [comics.make_scene(base + i) for i in range(args.n_strips)]
+            report["box"] = ev.box(scenes, sets)
+            bar_png(report["box"], out / "box.png", "scenes: steered to one object's box")
         if "vqa" in exps:
             report["vqa"] = ev.vqa(strips, sets, seed=args.eval_seed)
             bar_png(report["vqa"], out / "vqa.png", "vqa: asked panel i, steered to j")
@@ -605,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         llm.close()
     report["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    for e in ("narration", "vqa"):
+    for e in ("narration", "vqa", "box"):
         for name, r in report.get(e, {}).items():
             a = r["accuracy"]
             print(

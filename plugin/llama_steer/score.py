@@ -337,6 +337,8 @@ def heatmap_png(
 
 def write_pictures(sums: GazeSums, out_dir: Path, q: int = 0, n_top: int = 4) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("top*_L*H*_panels.png"):  # an earlier run's heads
+        old.unlink()
     paths = [out_dir / "gaze_heatmap.png"]
     heatmap_png(sums.gaze(q), paths[0], f"gaze score ({sums.queries[q]})", "L", "head")
     g = sums.gaze(q)
