@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     msgs = [user_message(QUESTION, [img])]
 
     def ask() -> str:
-        out = llm.create_chat_completion(msgs, max_tokens=12, temperature=0)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=args.verbose):  # mtmd logs every image otherwise
+            out = llm.create_chat_completion(msgs, max_tokens=12, temperature=0)
         return out["choices"][0]["message"]["content"].strip()
 
     try:
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f'unsteered "{QUESTION}" -> {base}   (names panel {which_panels(base, strip) or "?"})'
         )
-        print(f"steering: redirect, strength {strength:g}, {heads_desc}")
+        focus = f", focus {steer.focus}" if steer.focus else ""
+        print(f"steering: redirect, strength {strength:g}{focus}, {heads_desc}")
         table = [("unsteered", base, None)]
         hits = 0
         for k in range(1, 7):
