@@ -461,15 +461,14 @@ def resolve(targets: tuple, seq: Seq) -> tuple[np.ndarray, np.ndarray | None]:
 def focus_content(cells: np.ndarray, seq: Seq) -> np.ndarray:
     """``cells`` with each image's part narrowed to the tokens that show content
     (``vision.content_tokens``); text cells and images without recorded pixels unchanged."""
-    out = [cells]
+    rest, kept = np.ones(cells.size, dtype=bool), []
     for span in seq.images:
         lo, hi = span.first_cell, span.first_cell + span.grid.n_tokens
         inside = (cells >= lo) & (cells < hi)
-        if span.pixels is None or not inside.any():
-            continue
-        kept = content_tokens(span.pixels, span.grid, cells[inside] - lo) + lo
-        out = [out[0][~((out[0] >= lo) & (out[0] < hi))], *out[1:], kept]
-    return np.unique(np.concatenate(out)).astype(np.int64)
+        if span.pixels is not None and inside.any():
+            rest &= ~inside
+            kept.append(content_tokens(span.pixels, span.grid, cells[inside] - lo) + lo)
+    return np.unique(np.concatenate([cells[rest], *kept])).astype(np.int64)
 
 
 def domain_of(targets: tuple, seq: Seq) -> np.ndarray:
