@@ -105,6 +105,9 @@ def test_chat_commands_steer_and_unsteer(term):
     assert again == plain  # steering off gives the unsteered answer back
     assert "[error:" in term.command("/roi panel:9/6", "[error:")
     assert "unknown command" in term.command("/bogus", "unknown command")
+    term.command("/focus content", "[focus content]")
+    assert "focus='content'" in term.command("/stats", "attention nodes edited")
+    assert "is not one of" in term.command("/focus edges", "[error:")
     assert term.close() == 0
 
 
