@@ -112,7 +112,11 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--heads", default="all", help="'all' or N: first N heads of every layer")
+    ap.add_argument(
+        "--heads",
+        default="all",
+        help="'all', 'layers:A-B' (every head of those layers), or N: first N heads of every layer",
+    )
     ap.add_argument("--vlm", action="store_true", help="the embedded VLM on a comic strip")
     args = ap.parse_args(argv)
     common = dict(
@@ -162,13 +166,13 @@ def main(argv=None) -> int:
         steer,
         args.reps,
         f"model: {os.path.basename(path)}  prompt: {len(tokens)} tokens  "
-        f"decode: {args.n_predict}  heads={args.heads} on every layer",
+        f"decode: {args.n_predict}  heads={args.heads}",
     )
 
 
 def _heads(args, path: str):
-    if args.heads == "all":
-        return "all"
+    if args.heads == "all" or args.heads.startswith("layers:"):
+        return args.heads
     from llama_steer.headmap import ModelIdentity
 
     n_layer = ModelIdentity.of_gguf(path).n_layer
