@@ -203,3 +203,22 @@ def test_focus_is_validated():
     with pytest.raises(SteeringError, match="use one or the other"):
         Steering(roi=Panel(1, of=6), mode="bias", weights=np.ones(9), focus="content")
     assert "focus='content'" in repr(Steering(roi=Panel(1, of=6), focus="content"))
+
+
+def test_show_grid_marks_the_roi_and_its_focus(organism, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from llama_steer.cli import show_grid
+
+    img = _drawing()
+    img[28:84, 84:140] = (200, 30, 30)  # tokens 12, 13, 21, 22: inside panel 2 of 2x3
+    Image.fromarray(img).save(tmp_path / "s.png")
+    out = io.StringIO()
+    show_grid(organism[1], [str(tmp_path / "s.png")], "panel:2@2x3", out=out)
+    assert "9 tokens: [3, 4, 5, 12, 13, 14, 21, 22, 23]" in out.getvalue()
+    out = io.StringIO()
+    show_grid(organism[1], [str(tmp_path / "s.png")], "panel:2@2x3", "content", out=out)
+    assert "4 tokens: [12, 13, 21, 22]" in out.getvalue()
+    assert "      9 ...##...." in out.getvalue()

@@ -231,12 +231,15 @@ def user_message(text: str, images: list) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
-def show_grid(mmproj: str, images: list[str], roi: str | None, out=sys.stdout) -> None:
-    """Print each image's token grid; with --roi, mark its tokens (#) on the grid."""
+def show_grid(
+    mmproj: str, images: list[str], roi: str | None, focus: str | None = None, out=sys.stdout
+) -> None:
+    """Print each image's token grid; with --roi, mark its tokens (#) on the grid (narrowed by
+    --focus content as steering will narrow them)."""
     import numpy as np
     from PIL import Image
 
-    from llama_steer.roi import Seq, parse_roi, resolve
+    from llama_steer.roi import Seq, focus_content, parse_roi, resolve
     from llama_steer.vision import Geometry, ImageSpan
 
     geo = Geometry.from_mmproj(mmproj)
@@ -244,12 +247,15 @@ def show_grid(mmproj: str, images: list[str], roi: str | None, out=sys.stdout) -
     for k, path in enumerate(images, 1):
         with Image.open(path) as im:
             g = geo.grid(*im.size)
-        spans.append(ImageSpan(k, g, cell, cell, max(g.nx, g.ny)))
+            px = np.asarray(im.convert("RGB"))
+        spans.append(ImageSpan(k, g, cell, cell, max(g.nx, g.ny), px))
         cell += g.n_tokens
     seq = Seq([0] * cell, [b""] * cell, np.arange(cell), spans)
     marked = set()
     if roi:
         cells, _ = resolve(parse_roi(roi), seq)
+        if focus == "content":
+            cells = focus_content(cells, seq)
         marked = set(cells.tolist())
     for s in spans:
         print(f"image{s.index} {images[s.index - 1]}: {s.grid.describe()}", file=out)
@@ -305,16 +311,16 @@ def run(args) -> int:
     prompt = args.prompt
     if args.file:
         prompt = Path(args.file).read_text()
+    steering, schedule = make_steering(args)
     if args.show_grid:
         _, mmproj = resolve_model(args)
         if not (mmproj and args.image):
             raise CliError("--show-grid needs --mmproj and --image")
-        show_grid(mmproj, args.image, args.roi)
+        show_grid(mmproj, args.image, args.roi, steering.focus)
         if prompt is None:
             return 0
     if prompt is None:
         raise CliError("nothing to do: give -p PROMPT (or -f FILE)")
-    steering, schedule = make_steering(args)
     llm, mmproj = load(args, steering)
     try:
         if mmproj:
