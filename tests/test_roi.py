@@ -216,9 +216,10 @@ def test_show_grid_marks_the_roi_and_its_focus(organism, tmp_path):
     img[28:84, 84:140] = (200, 30, 30)  # tokens 12, 13, 21, 22: inside panel 2 of 2x3
     Image.fromarray(img).save(tmp_path / "s.png")
     out = io.StringIO()
-    show_grid(organism[1], [str(tmp_path / "s.png")], "panel:2@2x3", out=out)
+    roi, png = "panel:2@2x3", [str(tmp_path / "s.png")]
+    show_grid(organism[1], png, roi, Steering(roi=roi), out=out)
     assert "9 tokens: [3, 4, 5, 12, 13, 14, 21, 22, 23]" in out.getvalue()
     out = io.StringIO()
-    show_grid(organism[1], [str(tmp_path / "s.png")], "panel:2@2x3", "content", out=out)
+    show_grid(organism[1], png, roi, Steering(roi=roi, focus="content"), out=out)
     assert "4 tokens: [12, 13, 21, 22]" in out.getvalue()
     assert "      9 ...##...." in out.getvalue()

@@ -231,15 +231,13 @@ def user_message(text: str, images: list) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
-def show_grid(
-    mmproj: str, images: list[str], roi: str | None, focus: str | None = None, out=sys.stdout
-) -> None:
-    """Print each image's token grid; with --roi, mark its tokens (#) on the grid (narrowed by
-    --focus content as steering will narrow them)."""
+def show_grid(mmproj: str, images: list[str], roi: str | None, steering, out=sys.stdout) -> None:
+    """Print each image's token grid; with --roi, mark the tokens ``steering`` targets (#),
+    its focus applied."""
     import numpy as np
     from PIL import Image
 
-    from llama_steer.roi import Seq, focus_content, parse_roi, resolve
+    from llama_steer.roi import Seq
     from llama_steer.vision import Geometry, ImageSpan
 
     geo = Geometry.from_mmproj(mmproj)
@@ -253,10 +251,7 @@ def show_grid(
     seq = Seq([0] * cell, [b""] * cell, np.arange(cell), spans)
     marked = set()
     if roi:
-        cells, _ = resolve(parse_roi(roi), seq)
-        if focus == "content":
-            cells = focus_content(cells, seq)
-        marked = set(cells.tolist())
+        marked = set(steering._target_cells(seq)[0].tolist())
     for s in spans:
         print(f"image{s.index} {images[s.index - 1]}: {s.grid.describe()}", file=out)
         if roi:
@@ -316,7 +311,7 @@ def run(args) -> int:
         _, mmproj = resolve_model(args)
         if not (mmproj and args.image):
             raise CliError("--show-grid needs --mmproj and --image")
-        show_grid(mmproj, args.image, args.roi, steering.focus)
+        show_grid(mmproj, args.image, args.roi, steering)
         if prompt is None:
             return 0
     if prompt is None:

@@ -178,7 +178,10 @@ class Evaluator:
                 for t in desc.things:
                     if [t.name] == first:
                         continue
-                    x0, y0, x1, y1 = (min(max(v, 0), desc.size[0]) for v in t.box)
+                    w, h = desc.size
+                    x0, y0, x1, y1 = t.box
+                    x0, x1 = max(x0, 0), min(x1, w)
+                    y0, y1 = max(y0, 0), min(y1, h)
                     self._steer(heads, f"box:{x0},{y0},{x1},{y1}")
                     ans = self.ask(img, q, max_tokens=24)
                     recs[name].append(float(objects_in(ans)[:1] == [t.name]))
@@ -591,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]
     base = 5 * 10**9 + 1000 * args.eval_seed  # seeds no training used
     strips = [comics.make_strip(base + i, layouts[i % len(layouts)]) for i in range(args.n_strips)]
-    focus = args.focus or ((hm.defaults.get("focus") if hm else None) or "none")
+    focus = args.focus or (hm.defaults.get("focus") if hm else None)
     ev = Evaluator(llm, strength, focus=None if focus == "none" else focus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

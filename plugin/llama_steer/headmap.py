@@ -69,12 +69,7 @@ def _check_defaults(d) -> dict:
             raise HeadmapError(
                 f"headmap: unknown key defaults.{k!r}; known: {', '.join(_DEFAULTS)}"
             )
-        kind = _DEFAULTS[k]
-        if kind is bool:
-            if not isinstance(d[k], bool):
-                raise HeadmapError(f"headmap: key defaults.{k!r} must be bool, got {d[k]!r}")
-        else:
-            _need(d, k, kind, "defaults.")
+        _need(d, k, _DEFAULTS[k], "defaults.")
     return d
 
 

@@ -366,12 +366,10 @@ class Steering:
             m[layer, head] = True
         return m
 
-    def _bias(self, seq: Seq) -> tuple[np.ndarray, float]:
-        """(bias per cell float32 logit units, tail) for the current config and prompt."""
+    def _target_cells(self, seq: Seq) -> tuple[np.ndarray, np.ndarray | None]:
+        """(cells, ROI weights or None) the edit targets in ``seq``, focus applied."""
         c = self._cfg
-        s = c["strength"]
-        mode = c["mode"]
-        if mode == "image-boost" and not c["roi"]:
+        if c["mode"] == "image-boost" and not c["roi"]:
             if not seq.images:
                 raise SteeringError("mode='image-boost' needs an image in the prompt")
             cells, w_roi = np.unique(np.concatenate([im.cells for im in seq.images])), None
@@ -379,6 +377,14 @@ class Steering:
             cells, w_roi = resolve(c["roi"], seq)
         if c["focus"] == "content":
             cells = focus_content(cells, seq)
+        return cells, w_roi
+
+    def _bias(self, seq: Seq) -> tuple[np.ndarray, float]:
+        """(bias per cell float32 logit units, tail) for the current config and prompt."""
+        c = self._cfg
+        s = c["strength"]
+        mode = c["mode"]
+        cells, w_roi = self._target_cells(seq)
         w = c["weights"] if c["weights"] is not None else w_roi
         if c["weights"] is not None and c["weights"].size != cells.size:
             raise SteeringError(

@@ -87,12 +87,20 @@ def _rename(name: str, table: dict[str, str]) -> str | None:
     return None
 
 
+def _put(tensors: dict, table: dict, sd: dict, left: list) -> None:
+    """Rename ``tensors`` into ``sd`` by ``table``; names it has no entry for go to ``left``."""
+    for name, a in tensors.items():
+        dst = _rename(name, table)
+        if dst is None:
+            left.append(name)
+        else:
+            sd[dst] = a
+
+
 def state_dict_from_gguf(model_gguf: Path, mmproj_gguf: Path) -> dict[str, np.ndarray]:
     """transformers state dict (float32 arrays) of the GGUF pair."""
     sd, left = {}, []
-    for name, a in _tensors(model_gguf).items():
-        dst = _rename(name, TEXT)
-        (left.append(name) if dst is None else sd.__setitem__(dst, a))
+    _put(_tensors(model_gguf), TEXT, sd, left)
     vis = _tensors(mmproj_gguf)
     pe0, pe1 = vis.pop("v.patch_embd.weight"), vis.pop("v.patch_embd.weight.1")
     sd["model.visual.patch_embed.proj.weight"] = np.stack([pe0, pe1], axis=2)  # [o, c, t, h, w]
@@ -102,9 +110,7 @@ def state_dict_from_gguf(model_gguf: Path, mmproj_gguf: Path) -> dict[str, np.nd
             sd[f"model.visual.blocks.{i}.attn.qkv.{p}"] = np.concatenate(
                 [vis.pop(f"v.blk.{i}.attn_{x}.{p}") for x in "qkv"]
             )
-    for name, a in vis.items():
-        dst = _rename(name, VISION)
-        (left.append(name) if dst is None else sd.__setitem__(dst, a))
+    _put(vis, VISION, sd, left)
     if left:
         raise ValueError(f"GGUF tensors with no transformers name: {left}")
     return sd
