@@ -56,6 +56,16 @@ def test_derangements_move_every_panel():
         assert sorted(p) == [1, 2, 3, 4, 5, 6] and all(p[i] != i + 1 for i in range(6))
 
 
+def test_scene_object_counts_and_lists():
+    counts = {len(comics.make_scene(i).things) for i in range(60)}
+    assert counts == {2, 3, 4}
+    one = comics.make_scene(5, n_things=(1, 1))
+    assert len(one.things) == 1 and comics.describe(one) == one.things[0].name
+    four = comics.make_scene(5, n_things=(4, 4))
+    names = [t.name for t in four.things]
+    assert comics.describe(four) == f"{names[0]}, {names[1]}, {names[2]} and {names[3]}"
+
+
 def test_pope_questions_and_scores():
     scenes = [comics.make_scene(7 * 10**9 + i) for i in range(30)]
     qs = pope_questions(scenes, seed=0)

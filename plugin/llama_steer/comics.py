@@ -184,10 +184,11 @@ def make_strip(seed: int, layout: str = "2x3") -> Strip:
     return Strip(layout, (cols * PANEL_PX, rows * PANEL_PX), tuple(panels), int(seed))
 
 
-def make_scene(seed: int) -> Scene:
-    """2-4 distinct things, each in its own quadrant of a 224x224 canvas."""
+def make_scene(seed: int, n_things: tuple[int, int] = (2, 4)) -> Scene:
+    """``n_things`` (inclusive range; 2-4) distinct things, each in its own quadrant of a 224x224
+    canvas."""
     rng = _rng(seed, 7)
-    n = int(rng.integers(2, 5))
+    n = int(rng.integers(n_things[0], n_things[1] + 1))
     quads = sorted(rng.choice(4, size=n, replace=False).tolist())
     kinds = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
     half = SCENE_PX // 2
@@ -206,7 +207,7 @@ def describe(desc) -> str:
     if isinstance(desc, Strip):
         return ", then ".join(p.thing.name for p in desc.panels)
     names = [t.name for t in desc.things]
-    return ", ".join(names[:-1]) + " and " + names[-1]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
 # ----------------------------------------------------------------------------- renderers

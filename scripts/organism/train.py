@@ -35,6 +35,22 @@ class AuxHeads(torch.nn.Module):
         self.colour = torch.nn.Linear(hidden, 1 + len(comics.COLOURS))
         self.shape = torch.nn.Linear(hidden, 1 + len(comics.SHAPES))
         self.slot = torch.nn.Linear(hidden, 11)
+        # per answer: which of the 42 objects the image holds, read from a middle layer's hidden
+        # state where the answer starts (a bag of objects gathered at the question)
+        nc, ns = len(comics.COLOURS), len(comics.SHAPES)
+        self.bag = torch.nn.Linear(hidden, nc + ns + nc * ns)
+
+
+def presence(desc) -> np.ndarray:
+    """(7 + 6 + 42,) float32 multi-hot of a Strip's or Scene's objects: colours, shapes, and
+    (colour, shape) pairs, colour-major."""
+    things = [p.thing for p in desc.panels] if isinstance(desc, comics.Strip) else desc.things
+    nc, ns = len(comics.COLOURS), len(comics.SHAPES)
+    out = np.zeros(nc + ns + nc * ns, np.float32)
+    for t in things:
+        c, s = comics.COLOURS.index(t.colour), comics.SHAPES.index(t.shape)
+        out[[c, nc + s, nc + ns + c * ns + s]] = 1
+    return out
 
 
 def make_sample(
@@ -45,6 +61,7 @@ def make_sample(
     task: str | None,
     weights: dict | None = None,
     strip_frac: float = 0.6,
+    scene_things: tuple[int, int] = (2, 4),
 ):
     rng = np.random.default_rng([seed, 5])
     if task is not None:
@@ -55,7 +72,7 @@ def make_sample(
         if u < strip_frac:
             desc = comics.make_strip(seed, "1x6" if u < strip_frac / 2 else "2x3")
         else:
-            desc = comics.make_scene(seed)
+            desc = comics.make_scene(seed, scene_things)
         img = comics.render(desc, renderer)
         n = turns or int(rng.integers(1, 4))
         qa = [(q, a) for _, q, a in comics.questions_for(desc, rng, n, weights)]
@@ -63,7 +80,7 @@ def make_sample(
     n_tok = grid[1] * grid[2] // 4
     ids, labels = enc.conversation(n_tok, qa)
     lab = comics.token_labels(desc)
-    return dict(ids=ids, labels=labels, pix=pix, grid=grid, aux=lab)
+    return dict(ids=ids, labels=labels, pix=pix, grid=grid, aux=lab, bag=presence(desc))
 
 
 def task_weights(specs: list[str], step: int) -> dict | None:
@@ -92,6 +109,7 @@ def collate(samples, pad_id: int):
         k: torch.from_numpy(np.concatenate([s["aux"][k] for s in samples]))
         for k in ("colour", "shape", "slot")
     }
+    aux["bag"] = torch.from_numpy(np.stack([s["bag"] for s in samples]))
     return ids, labels, mask, pix, grid, aux
 
 
@@ -109,6 +127,14 @@ def forward(model, heads, batch, captured):
         + F.cross_entropy(heads.shape(v), aux["shape"])
         + 0.5 * F.cross_entropy(heads.slot(v), aux["slot"])
     )
+    if "h" in captured:
+        # positions whose next label is a turn's first answer token
+        first = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)
+        b, t = first.nonzero(as_tuple=True)
+        bag_logits = heads.bag(captured["h"][b, t])
+        bag_loss = F.binary_cross_entropy_with_logits(bag_logits, aux["bag"][b])
+        aux_loss = aux_loss + captured["bag_weight"] * bag_loss
+        captured["bag_loss"] = captured.get("bag_loss", 0.0) + bag_loss.item()
     return ans_loss, aux_loss, logits, tgt
 
 
@@ -136,6 +162,7 @@ def main() -> None:
     ap.add_argument("--aux-weight", type=float, default=1.0)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-n", type=int, default=24, help="held-out samples per task")
     ap.add_argument("--threads", default="auto", help=f"int, or auto: 1 until {CPU_FREE} exists")
     ap.add_argument(
         "--task-weight",
@@ -143,6 +170,12 @@ def main() -> None:
         default=[],
         metavar="TASK=W[@STEP]",
         help="weight of a task among its kind's questions (default 1), from STEP on (default 0)",
+    )
+    ap.add_argument(
+        "--scene-things",
+        default="2-4",
+        metavar="LO-HI",
+        help="objects per training scene (held-out scenes keep 2-4)",
     )
     ap.add_argument("--strip-frac", type=float, default=0.6, help="share of strips (rest: scenes)")
     ap.add_argument(
@@ -153,12 +186,20 @@ def main() -> None:
     ap.add_argument(
         "--seed-offset", type=int, default=0, help="fine-tune: draw images the first run did not"
     )
+    ap.add_argument(
+        "--bag-weight",
+        type=float,
+        default=0.0,
+        help="weight of the training-only bag-of-objects head (0: off)",
+    )
+    ap.add_argument("--bag-layer", type=int, default=2, help="decoder layer the bag head reads")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time this many steps and stop")
     args = ap.parse_args()
 
     from transformers import Qwen2VLForConditionalGeneration
 
+    scene_things = tuple(int(v) for v in args.scene_things.split("-"))
     threads = 1 if args.threads == "auto" else int(args.threads)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -188,7 +229,7 @@ def main() -> None:
     elif args.init:
         state = torch.load(args.init, weights_only=False)
         model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
+        heads.load_state_dict(state["heads"], strict=False)
         print(f"fine-tuning from {args.init} (its step {state['step']})", flush=True)
     if args.export_only:
         model.eval()
@@ -205,6 +246,13 @@ def main() -> None:
         captured["v"] = o if torch.is_tensor(o) else o[0]
 
     model.model.visual.register_forward_hook(hook)
+    if args.bag_weight > 0:
+        captured["bag_weight"] = args.bag_weight
+
+        def hook_h(_m, _i, o):
+            captured["h"] = o if torch.is_tensor(o) else o[0]
+
+        model.model.language_model.layers[args.bag_layer].register_forward_hook(hook_h)
 
     def lr_at(s):
         if s < args.warmup:
@@ -248,6 +296,7 @@ def main() -> None:
                 None,
                 weights,
                 args.strip_frac,
+                scene_things,
             )
             for i in range(args.batch)
         ]
@@ -271,13 +320,13 @@ def main() -> None:
         if step % 25 == 0:
             print(
                 f"step {step} lr {lr_at(step):.2e} ans {acc_a / n_acc:.4f} aux {acc_x / n_acc:.4f} "
-                f"{elapsed / 60:.1f} min",
+                f"bag {captured.pop('bag_loss', 0) / n_acc:.4f} {elapsed / 60:.1f} min",
                 flush=True,
             )
             acc_a = acc_x = 0.0
             n_acc = 0
         if step % args.eval_every == 0 or step == args.steps:
-            res = held_out(model, heads, enc, captured)
+            res = held_out(model, heads, enc, captured, args.eval_n)
             log.append(dict(step=step, minutes=round(elapsed / 60, 2), **res))
             print("held-out", json.dumps(log[-1]), flush=True)
             t_last = time.time()
