@@ -4,9 +4,13 @@
     python bench/overhead.py --vlm                 # the embedded VLM, a comic strip prompt
     python bench/overhead.py -m model.gguf -ngl 99 --heads 10
 
-Both models live in one process; runs are interleaved (ABAB..., order alternating) and the
-medians are compared. "steered" hooks every layer (all heads, or the first N heads of each
-layer with --heads N) with a real, non-zero bias, in prefill and decode. Prints the ratios
+Both models live in one process. Each rep loads a fresh unsteered and a fresh steered model
+(order alternating; the weights are mmapped once, so this is cheap), warms both up, and times
+each --runs times (the fastest run counts, which drops pre-emption spikes). Fresh pairs matter:
+two identical contexts created once can differ by 2-3% for the life of the process (memory
+placement), more than the effect measured. "steered" hooks every layer (all heads, or the first
+N heads of each layer with --heads N) with a real, non-zero bias, in prefill and decode. Prints
+the ratio of the medians and the median and quartiles of the per-rep ratios,
 steered/unsteered (>= 0.98 is the goal on CPU).
 """
 
@@ -74,23 +78,37 @@ def vlm_run(llm, messages, n_predict) -> tuple[float, float]:
     return (t1 - t0) * 1e3, n / max(t2 - t1, 1e-9)
 
 
-def compare(run, plain, steered, steer, reps: int, title: str) -> int:
-    """Interleave ``run(llm)`` on both models, print medians and ratios."""
-    run(plain)  # warm-up both
-    run(steered)
+def compare(run, make_plain, make_steered, reps: int, runs: int, title: str) -> int:
+    """Per rep: a fresh pair of models, ``run(llm)`` ``runs`` times each; print ratios."""
     res = {"plain": [], "steered": []}
+    edited = 0
     for r in range(reps):
-        order = [("plain", plain), ("steered", steered)]
-        if r % 2:
-            order.reverse()
-        for name, llm in order:
-            res[name].append(run(llm))
-    if steer.stats().n_kq_edited == 0:
+        names = ["plain", "steered"] if r % 2 == 0 else ["steered", "plain"]
+        llms = {n: (make_plain if n == "plain" else make_steered)() for n in names}
+        for n in names:
+            run(llms[n])  # warm-up
+        for n in names:
+            best = [run(llms[n]) for _ in range(runs)]
+            # prompt: fewest ms; decode: most tokens/s
+            res[n].append((min(b[0] for b in best), max(b[1] for b in best)))
+        edited += llms["steered"].steering.stats().n_kq_edited
+        for llm in llms.values():
+            llm.close()
+    if edited == 0:
         print("error: the steered model edited nothing", file=sys.stderr)
         return 1
 
     def med(name, i):
         return statistics.median(x[i] for x in res[name])
+
+    def paired(i):
+        # speed ratios steered/plain: decode tokens/s directly, prompt ms inverted
+        r = sorted(
+            (s[i] / p[i]) if i == 1 else (p[i] / s[i])
+            for p, s in zip(res["plain"], res["steered"], strict=True)
+        )
+        q = len(r) // 4
+        return f"{statistics.median(r):.3f} [{r[q]:.3f}, {r[-q - 1]:.3f}]"
 
     print(title)
     print(f"{'':10s} {'prompt ms':>10s} {'decode tok/s':>13s}")
@@ -100,8 +118,7 @@ def compare(run, plain, steered, steer, reps: int, title: str) -> int:
         f"ratio steered/plain: decode {med('steered', 1) / med('plain', 1):.3f}  "
         f"prompt speed {med('plain', 0) / med('steered', 0):.3f}"
     )
-    plain.close()
-    steered.close()
+    print(f"per-rep ratios, median [quartiles]: decode {paired(1)}  prompt speed {paired(0)}")
     return 0
 
 
@@ -111,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--n-predict", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15, help="fresh model pairs")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per model per rep")
     ap.add_argument(
         "--heads",
         default="all",
@@ -140,31 +158,37 @@ def main(argv=None) -> int:
 
         img = comics.render(comics.make_strip(6 * 10**9, "2x3"))
         msgs = [user_message("Describe the strip.", [img])]
-        steer = Steering(
-            heads=_heads(args, path), roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0
-        )
-        plain = llama_cpp.Llama(model_path=path, chat_handler=handler(), **common)
-        steered = Llama(model_path=path, chat_handler=handler(), steering=steer, **common)
+        heads = _heads(args, path)
+
+        def steered():
+            st = Steering(heads=heads, roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0)
+            return Llama(model_path=path, chat_handler=handler(), steering=st, **common)
+
         return compare(
             lambda llm: vlm_run(llm, msgs, args.n_predict),
-            plain,
+            lambda: llama_cpp.Llama(model_path=path, chat_handler=handler(), **common),
             steered,
-            steer,
             args.reps,
+            args.runs,
             f"model: {os.path.basename(path)} (embedded VLM), a 2x3 strip "
             f"+ question, up to {args.n_predict} tokens, heads={args.heads}",
         )
     path = args.model or default_model()
-    plain = llama_cpp.Llama(model_path=path, **common)
-    tokens = plain.tokenize(PROMPT.encode())
-    steer = Steering(heads=_heads(args, path), roi=Tokens(1, min(12, len(tokens))), strength=2.0)
-    steered = Llama(model_path=path, steering=steer, **common)
+    probe = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    tokens = probe.tokenize(PROMPT.encode())
+    probe.close()
+    heads = _heads(args, path)
+
+    def steered():
+        st = Steering(heads=heads, roi=Tokens(1, min(12, len(tokens))), strength=2.0)
+        return Llama(model_path=path, steering=st, **common)
+
     return compare(
         lambda llm: text_run(llm, tokens, args.n_predict),
-        plain,
+        lambda: llama_cpp.Llama(model_path=path, **common),
         steered,
-        steer,
         args.reps,
+        args.runs,
         f"model: {os.path.basename(path)}  prompt: {len(tokens)} tokens  "
         f"decode: {args.n_predict}  heads={args.heads}",
     )

@@ -59,6 +59,7 @@ typedef struct steer_stats {
     uint32_t flags;         /* STEER_F_* met since the last reset */
     int32_t last_n_kv;      /* ne[0] of the last hooked node */
     int32_t last_n_tokens;  /* ne[1] of the last hooked node */
+    uint64_t n_kq_edited_eval; /* kq-<il> nodes edited since the last steer_hook_begin_eval */
 } steer_stats;
 
 /* lifecycle */
@@ -87,9 +88,10 @@ int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias
                           const uint8_t *obs_layers, int32_t obs_rows);
 
 /* Bracket one llama_decode: the config is pinned for the whole call (every layer of a token
- * sees the same config) and rows are edited only if `phase` is in the config's phases. */
+ * sees the same config) and rows are edited only if `phase` is in the config's phases.
+ * end_eval copies the counters to `out` when it is not NULL (one call per decode step). */
 int steer_hook_begin_eval(steer_hook *h, int32_t phase);
-int steer_hook_end_eval(steer_hook *h);
+int steer_hook_end_eval(steer_hook *h, steer_stats *out);
 
 int steer_hook_get_stats(steer_hook *h, steer_stats *out, int32_t reset);
 /* per-layer softmax scale read from the graph (0 = not seen yet); out: [n_layer] */

@@ -213,14 +213,16 @@ int steer_hook_begin_eval(steer_hook *h, int32_t phase) {
     if (h->pinned >= 0) unpin(h, h->pinned);
     h->pinned = pin(h);
     h->phase = phase;
+    h->stats.n_kq_edited_eval = 0;
     return STEER_OK;
 }
 
-int steer_hook_end_eval(steer_hook *h) {
+int steer_hook_end_eval(steer_hook *h, steer_stats *out) {
     if (!h) return STEER_E_ARG;
     if (h->pinned >= 0) unpin(h, h->pinned);
     h->pinned = -1;
     h->phase = 0;
+    if (out) *out = h->stats;
     return STEER_OK;
 }
 
@@ -287,6 +289,7 @@ static int edit(steer_hook *h, const steer_cfg *c, int32_t il, int32_t phase, fl
             }
         }
     h->stats.n_kq_edited++;
+    h->stats.n_kq_edited_eval++;
     h->stats.last_n_kv = (int32_t)ne[0];
     h->stats.last_n_tokens = (int32_t)ne[1];
     return STEER_OK;

@@ -150,6 +150,7 @@ int steer_cuda_edit(steer_hook *h, const steer_cfg *c, int32_t il, void *data,
     for (int64_t k = 0; k < n_head; k++)
         if (sel[k]) h->stats.n_rows_edited += (uint64_t)(ne[1] * ne[3]);
     h->stats.n_kq_edited++;
+    h->stats.n_kq_edited_eval++;
     h->stats.last_n_kv = (int32_t)ne[0];
     h->stats.last_n_tokens = (int32_t)ne[1];
     return 0;

@@ -94,6 +94,26 @@ def test_unsteered_layer_and_zero_config_touch_nothing():
         assert hook.stats().n_kq_edited == 0
 
 
+def test_end_eval_counts_this_eval_alone():
+    rng = np.random.default_rng(1)
+    with make_hook() as hook:
+        assert hook.last_stats().n_kq_edited == 0  # zeros before any eval
+        heads = np.zeros((3, 4), bool)
+        heads[1, 2] = True
+        hook.set_config(heads, np.ones(5, np.float32), phases=PF | DEC)
+        kq = rng.normal(size=(1, 4, 1, 5)).astype(np.float32)
+        for n in (2, 0, 1):
+            hook.begin_eval(DEC)
+            for _ in range(n):
+                hook.edit_buffer(1, DEC, kq)
+            out = hook.end_eval()
+            assert out.n_kq_edited_eval == n and hook.last_stats().n_kq_edited_eval == n
+        assert hook.last_stats().n_kq_edited == 3
+        with pytest.raises(_native.NativeError):
+            hook.begin_eval(7)  # not a phase
+    assert hook.end_eval() is None  # closed: nothing to unpin
+
+
 def test_unknown_scale_is_an_error_not_a_silent_skip():
     with _native.Hook() as hook:
         hook.bind(2, 2)

@@ -99,6 +99,20 @@ class Stats:
     flags: int
     last_n_kv: int
     last_n_tokens: int
+    n_kq_edited_eval: int  # kq nodes edited by the last bracketed eval alone
+
+
+def _stats(out) -> Stats:
+    return Stats(
+        out.n_asked,
+        out.n_kq_edited,
+        out.n_rows_edited,
+        out.n_obs_nodes,
+        out.flags,
+        out.last_n_kv,
+        out.last_n_tokens,
+        out.n_kq_edited_eval,
+    )
 
 
 class _GgmlInitParams(ctypes.Structure):
@@ -155,6 +169,7 @@ class Hook:
         self.n_head = 0
         self._n_regions = 0
         self._keep: list = []
+        self._stats_out = ffi.new("steer_stats *")  # reused: end_eval runs once per token
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -285,27 +300,33 @@ class Hook:
 
     # -- evals ------------------------------------------------------------------------------
     def begin_eval(self, phase: int) -> None:
-        self._alive()
-        _check(lib.steer_hook_begin_eval(self._h, phase), "steer_hook_begin_eval")
+        if self._h is None:
+            self._alive()
+        rc = lib.steer_hook_begin_eval(self._h, phase)
+        if rc:
+            raise NativeError("steer_hook_begin_eval", rc)
 
-    def end_eval(self) -> None:
-        if self._h is not None:
-            _check(lib.steer_hook_end_eval(self._h), "steer_hook_end_eval")
+    def end_eval(self):
+        """Unpin. Returns the counters after the eval as the hook's own ``steer_stats *``
+        (read its fields now: the next eval overwrites it; ``last_stats()`` copies it), or
+        None when the hook is closed. Runs once per token, so it builds no Python objects."""
+        if self._h is None:
+            return None
+        rc = lib.steer_hook_end_eval(self._h, self._stats_out)
+        if rc:
+            raise NativeError("steer_hook_end_eval", rc)
+        return self._stats_out
+
+    def last_stats(self) -> Stats:
+        """The counters as the last ``end_eval`` left them (zeros before any eval)."""
+        return _stats(self._stats_out)
 
     # -- readouts ---------------------------------------------------------------------------
     def stats(self, reset: bool = False) -> Stats:
         self._alive()
         out = ffi.new("steer_stats *")
         _check(lib.steer_hook_get_stats(self._h, out, int(reset)), "steer_hook_get_stats")
-        return Stats(
-            out.n_asked,
-            out.n_kq_edited,
-            out.n_rows_edited,
-            out.n_obs_nodes,
-            out.flags,
-            out.last_n_kv,
-            out.last_n_tokens,
-        )
+        return _stats(out)
 
     def scales(self) -> np.ndarray:
         """(n_layer,) float32 softmax scale per layer as read from the graph (0 = unseen)."""

@@ -238,7 +238,7 @@ class Llama(llama_cpp.Llama):
             self._steer_last_phase = _native.PHASE_PREFILL
             self._steer_cell_key: list = []  # per position: config key its KV was made under
             self._steer_images: list[ImageSpan] = []
-            self._steer_stats = hook.stats()
+            self._steer_mem = _lc.llama_get_memory(self._ctx.ctx)  # fixed for the context
             self._steer_generating = False
             self._steer_fresh_layout = False
             self._steer_calibrate()
@@ -366,7 +366,7 @@ class Llama(llama_cpp.Llama):
         self._steering._publish(self._steer_seq_for(tokens, images))
 
     def _steer_check_cells(self) -> None:
-        mem = _lc.llama_get_memory(self._ctx.ctx)
+        mem = self._steer_mem
         lo = _lc.llama_memory_seq_pos_min(mem, 0)
         hi = _lc.llama_memory_seq_pos_max(mem, 0)
         if self.n_tokens and (lo != 0 or hi != self.n_tokens - 1):
@@ -409,22 +409,20 @@ class Llama(llama_cpp.Llama):
         under which config the new cells were made, and refuse silent no-ops."""
         st, hook = self._steering, self._steer_hook
         phase = self._steer_next_phase
-        before = hook.stats()
         with st._lock:
             key = st._key_for(phase)
             hook.begin_eval(phase)
         try:
             result = run()
         finally:
-            hook.end_eval()
+            after = hook.end_eval()
         n_new = n_after() - n_past
         self._steer_last_phase = phase
-        after = hook.stats()
-        self._steer_stats = after
-        problems = _native.describe_flags(after.flags)
-        if problems:
-            raise SteeringError("steering could not run: " + "; ".join(problems))
-        if key is not None and n_new > 0 and after.n_kq_edited == before.n_kq_edited:
+        if after.flags:
+            raise SteeringError(
+                "steering could not run: " + "; ".join(_native.describe_flags(after.flags))
+            )
+        if key is not None and n_new > 0 and after.n_kq_edited_eval == 0:
             raise SteeringError(
                 "steering is on but no attention node was hooked during this eval: the "
                 "graph has no kq-<il> nodes (flash attention on?); refusing to run unsteered"

@@ -192,7 +192,7 @@ class Steering:
 
     def stats(self) -> _native.Stats:
         """Callback counters since the start of the last generation (hooked nodes, rows)."""
-        return self._require_llm()._steer_stats
+        return self._require_llm()._steer_hook.last_stats()
 
     def attention_to(self, target=None, steered: bool = True) -> np.ndarray:
         """Attention mass on ``target`` (default: the ROI) per layer and head, for the last
