@@ -14,6 +14,7 @@ from llama_steer.evaluate import (
     head_sets,
     objects_in,
     pope_questions,
+    well_formed,
 )
 from llama_steer.headmap import Headmap, HeadScore, ModelIdentity
 
@@ -66,6 +67,14 @@ def test_scene_object_counts_and_lists():
     assert comics.describe(four) == f"{names[0]}, {names[1]}, {names[2]} and {names[3]}"
 
 
+def test_well_formed_narration():
+    assert well_formed("a red circle, then a blue square, then a black cross")
+    assert well_formed("a red circle, then a blue sq")  # cut off by the token limit
+    assert not well_formed("a orange orange orange purple purple")
+    assert not well_formed("a red circle, then, then a blue square")
+    assert not well_formed("")
+
+
 def test_pope_questions_and_scores():
     scenes = [comics.make_scene(7 * 10**9 + i) for i in range(30)]
     qs = pope_questions(scenes, seed=0)
@@ -105,7 +114,14 @@ def test_eval_end_to_end_on_three_strips(organism, tmp_path):
     for exp in ("narration", "vqa", "box"):
         acc = rep[exp]["all"]["accuracy"]
         assert 0 <= acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1] <= 1
-    assert set(rep["dynamic"]) == {"segment_accuracy", "spearman", "staircases"}
+    assert set(rep["dynamic"]) == {"all"}
+    assert set(rep["dynamic"]["all"]) == {
+        "segment_accuracy",
+        "spearman",
+        "well_formed",
+        "stutter",
+        "staircases",
+    }
     assert set(rep["pope"]) == {"unsteered", "image-boost"}
     assert set(rep["pope"]["unsteered"]) == {"random", "popular", "adversarial"}
     assert rep["box"]["all"]["n"] >= 3  # 3 scenes of 2-4 objects, the first one skipped

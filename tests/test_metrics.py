@@ -13,6 +13,7 @@ from llama_steer.metrics import (
     repetition_rate,
     roi_focus,
     spearman,
+    stutter_rate,
 )
 
 
@@ -46,6 +47,12 @@ def test_distinct_and_repetition():
     assert distinct_n([7, 7, 7, 7, 7], 2) == pytest.approx(1 / 4)
     assert repetition_rate([1, 2, 1, 2, 1, 2], 2) == pytest.approx(1 - 2 / 5)
     assert distinct_n([1], 2) == 1.0
+    assert stutter_rate("a red circle , then a blue square".split()) == 0.0
+    assert stutter_rate("a blue blue blue star".split()) == pytest.approx(2 / 4)
+    assert stutter_rate(["x"]) == 0.0
+    rng = np.random.default_rng(3)
+    t = rng.integers(0, 3, 200)
+    assert stutter_rate(list(t)) == pytest.approx(float(np.mean(t[1:] == t[:-1])))
 
 
 def test_spearman_matches_pearson_of_ranks():

@@ -9,8 +9,10 @@
         box         "What objects are in the image?" on scenes, steered with box: to one
                     object's bounding box: does the answer now open with it?
         dynamic     "Describe the strip." with a derangement schedule switching every N
-                    tokens: per-segment accuracy, Spearman(schedule, described panel), and
-                    the panel the steered heads attend to at every token (staircase)
+                    tokens, per head set: per-segment accuracy, Spearman(schedule,
+                    described panel), whether the narration stays well formed ("a X, then
+                    a Y, ...") and its stutter rate, and the panel the steered heads attend
+                    to at every token (staircase)
         pope        yes/no object presence on scenes (random / popular / adversarial
                     negatives): accuracy, precision, recall, F1, yes-ratio, unsteered vs
                     image-boost
@@ -38,11 +40,23 @@ import numpy as np
 from llama_steer import _native, comics
 from llama_steer._errors import SteeringError
 from llama_steer.cli import user_message
-from llama_steer.metrics import bootstrap_ci, distinct_n, spearman
+from llama_steer.metrics import bootstrap_ci, distinct_n, spearman, stutter_rate
 from llama_steer.metrics import kl as kl_
 from llama_steer.score import panel_regions
 
 _OBJ = re.compile(r"\b(" + "|".join(comics.COLOURS) + r")\s+(" + "|".join(comics.SHAPES) + r")\b")
+_OBJ_NAME = "a (" + "|".join(comics.COLOURS) + ") (" + "|".join(comics.SHAPES) + ")"
+
+
+def well_formed(text: str) -> bool:
+    """Whether ``text`` reads as the embedded model's narration "a X, then a Y, ...", allowing
+    a last object cut off by the token limit."""
+    parts = text.strip().lower().split(", then ")
+    if any(not re.fullmatch(_OBJ_NAME, p) for p in parts[:-1]):
+        return False
+    last = parts[-1]
+    names = (f"a {c} {s}" for c in comics.COLOURS for s in comics.SHAPES)
+    return last != "" and any(n.startswith(last) for n in names)
 
 
 def objects_in(text: str) -> list[str]:
@@ -192,7 +206,7 @@ class Evaluator:
         """Narration with the target switched every ``every`` generated tokens along a random
         derangement of the panels (no panel stays in its reading-order slot)."""
         rng = np.random.default_rng(seed)
-        seg_ok, rhos, stairs = [], [], []
+        seg_ok, rhos, stairs, formed, stutter = [], [], [], [], []
         for desc in strips:
             img = comics.render(desc)
             rows, cols = comics.LAYOUTS[desc.layout]
@@ -240,10 +254,15 @@ class Evaluator:
                 r = spearman([a for a, _ in described], [b for _, b in described])
                 if np.isfinite(r):
                     rhos.append(r)
-            stairs.append({"targets": targets, "attended": attended, "text": "".join(text)})
+            said = "".join(text)
+            formed.append(float(well_formed(said)))
+            stutter.append(stutter_rate(re.findall(r"\w+", said.lower())))
+            stairs.append({"targets": targets, "attended": attended, "text": said})
         return {
             "segment_accuracy": _ci(seg_ok),
             "spearman": _ci(rhos),
+            "well_formed": _ci(formed),
+            "stutter": _ci(stutter),
             "staircases": stairs[:3],
         }
 
@@ -621,11 +640,14 @@ def main(argv: list[str] | None = None) -> int:
             report["vqa"] = ev.vqa(strips, sets, seed=args.eval_seed)
             bar_png(report["vqa"], out / "vqa.png", "vqa: asked panel i, steered to j")
         if "dynamic" in exps:
-            first = next(iter(sets.values()))
-            report["dynamic"] = ev.dynamic(
-                strips[: max(1, args.n_strips // 2)], first, every=args.every, seed=args.eval_seed
-            )
-            for i, st in enumerate(report["dynamic"]["staircases"]):
+            report["dynamic"] = {
+                name: ev.dynamic(
+                    strips[: max(1, args.n_strips // 2)], heads, args.every, args.eval_seed
+                )
+                for name, heads in sets.items()
+            }
+            first = next(iter(report["dynamic"]))
+            for i, st in enumerate(report["dynamic"][first]["staircases"]):
                 staircase_png(st, out / f"dynamic_staircase_{i}.png")
         if "pope" in exps:
             scenes = [comics.make_scene(base + i) for i in range(args.n_strips)]
@@ -647,11 +669,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{e:9s} {name:10s} {a['mean']:6.1%}  [{a['ci95'][0]:.0%}, {a['ci95'][1]:.0%}]"
                 f"  n={r['n']}"
             )
-    if "dynamic" in report:
-        d = report["dynamic"]
+    for name, d in report.get("dynamic", {}).items():
         print(
-            f"dynamic   segment accuracy {d['segment_accuracy']['mean']:.1%}, "
-            f"Spearman {d['spearman']['mean']:.2f}"
+            f"dynamic   {name:10s} segment accuracy {d['segment_accuracy']['mean']:.1%}, "
+            f"Spearman {d['spearman']['mean']:.2f}, well formed {d['well_formed']['mean']:.0%}, "
+            f"stutter {d['stutter']['mean']:.2f}"
         )
     if "pope" in report:
         for setting, kinds in report["pope"].items():

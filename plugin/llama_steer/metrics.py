@@ -6,6 +6,7 @@
                                   "retention" of the original model under steering (seed 002)
     distinct_n(tokens, n) ....... distinct n-grams / n-grams (1 = no repetition)
     repetition_rate(tokens, n) .. 1 - distinct_n: share of repeated n-grams (degeneration)
+    stutter_rate(tokens) ........ share of tokens equal to the one before ("blue blue blue")
     spearman(a, b) .............. rank correlation (ties averaged)
     bootstrap_ci(values) ........ mean and 95% percentile bootstrap interval
 
@@ -26,6 +27,7 @@ __all__ = [
     "repetition_rate",
     "roi_focus",
     "spearman",
+    "stutter_rate",
 ]
 
 
@@ -69,6 +71,15 @@ def distinct_n(tokens: Sequence, n: int = 2) -> float:
 
 def repetition_rate(tokens: Sequence, n: int = 2) -> float:
     return 1.0 - distinct_n(tokens, n)
+
+
+def stutter_rate(tokens: Sequence) -> float:
+    """Tokens equal to their predecessor over all tokens after the first; 0.0 when shorter
+    than 2. Fluent text that repeats phrases ("then a ... then a") scores 0; a model stuck
+    on one word scores near 1."""
+    if len(tokens) < 2:
+        return 0.0
+    return sum(a == b for a, b in zip(tokens, tokens[1:], strict=False)) / (len(tokens) - 1)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
