@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class AuxHeads(torch.nn.Module):
         # state where the answer starts (a bag of objects gathered at the question)
         nc, ns = len(comics.COLOURS), len(comics.SHAPES)
         self.bag = torch.nn.Linear(hidden, nc + ns + nc * ns)
+        # per yes/no answer: the colour and the shape the question asks about
+        self.query = torch.nn.Linear(hidden, nc + ns)
 
 
 def presence(desc) -> np.ndarray:
@@ -80,7 +83,13 @@ def make_sample(
     n_tok = grid[1] * grid[2] // 4
     ids, labels = enc.conversation(n_tok, qa)
     lab = comics.token_labels(desc)
-    return dict(ids=ids, labels=labels, pix=pix, grid=grid, aux=lab, bag=presence(desc))
+    query = []  # per turn: (colour, shape) index a yes/no question asks about, else -100
+    for q, _ in qa:
+        m = re.fullmatch(r"Is there a (\w+) (\w+)\?", q)
+        query.append((comics.COLOURS.index(m[1]), comics.SHAPES.index(m[2])) if m else (-100, -100))
+    return dict(
+        ids=ids, labels=labels, pix=pix, grid=grid, aux=lab, bag=presence(desc), query=query
+    )
 
 
 def task_weights(specs: list[str], step: int) -> dict | None:
@@ -110,6 +119,8 @@ def collate(samples, pad_id: int):
         for k in ("colour", "shape", "slot")
     }
     aux["bag"] = torch.from_numpy(np.stack([s["bag"] for s in samples]))
+    # in the order of the first-answer positions (sample, then turn)
+    aux["query"] = torch.tensor([q for s in samples for q in s["query"]], dtype=torch.long)
     return ids, labels, mask, pix, grid, aux
 
 
@@ -135,6 +146,12 @@ def forward(model, heads, batch, captured):
         bag_loss = F.binary_cross_entropy_with_logits(bag_logits, aux["bag"][b])
         aux_loss = aux_loss + captured["bag_weight"] * bag_loss
         captured["bag_loss"] = captured.get("bag_loss", 0.0) + bag_loss.item()
+        qy = aux["query"]
+        if captured.get("query_weight") and (qy[:, 0] >= 0).any():
+            ql = heads.query(captured["h"][b, t])
+            nc = len(comics.COLOURS)
+            q_loss = F.cross_entropy(ql[:, :nc], qy[:, 0]) + F.cross_entropy(ql[:, nc:], qy[:, 1])
+            aux_loss = aux_loss + captured["query_weight"] * q_loss
     return ans_loss, aux_loss, logits, tgt
 
 
@@ -193,6 +210,13 @@ def main() -> None:
         help="weight of the training-only bag-of-objects head (0: off)",
     )
     ap.add_argument("--bag-layer", type=int, default=2, help="decoder layer the bag head reads")
+    ap.add_argument(
+        "--query-weight",
+        type=float,
+        default=0.0,
+        help="with --bag-weight: weight of a training-only head reading, at the same layer, "
+        "the colour and shape a yes/no question asks about",
+    )
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time this many steps and stop")
     args = ap.parse_args()
@@ -248,6 +272,7 @@ def main() -> None:
     model.model.visual.register_forward_hook(hook)
     if args.bag_weight > 0:
         captured["bag_weight"] = args.bag_weight
+        captured["query_weight"] = args.query_weight
 
         def hook_h(_m, _i, o):
             captured["h"] = o if torch.is_tensor(o) else o[0]
