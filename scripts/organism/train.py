@@ -145,7 +145,8 @@ def forward(model, heads, batch, captured):
         bag_logits = heads.bag(captured["h"][b, t])
         bag_loss = F.binary_cross_entropy_with_logits(bag_logits, aux["bag"][b])
         aux_loss = aux_loss + captured["bag_weight"] * bag_loss
-        captured["bag_loss"] = captured.get("bag_loss", 0.0) + bag_loss.item()
+        if torch.is_grad_enabled():  # training steps only, not held-out evals
+            captured["bag_loss"] = captured.get("bag_loss", 0.0) + bag_loss.item()
         qy = aux["query"]
         if captured.get("query_weight") and (qy[:, 0] >= 0).any():
             ql = heads.query(captured["h"][b, t])
@@ -209,7 +210,7 @@ def main() -> None:
         default=0.0,
         help="weight of the training-only bag-of-objects head (0: off)",
     )
-    ap.add_argument("--bag-layer", type=int, default=2, help="decoder layer the bag head reads")
+    ap.add_argument("--bag-layer", type=int, default=3, help="decoder layer the bag head reads")
     ap.add_argument(
         "--query-weight",
         type=float,
