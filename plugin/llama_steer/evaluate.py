@@ -44,15 +44,16 @@ from llama_steer.metrics import bootstrap_ci, distinct_n, spearman, stutter_rate
 from llama_steer.metrics import kl as kl_
 from llama_steer.score import panel_regions
 
-_OBJ = re.compile(r"\b(" + "|".join(comics.COLOURS) + r")\s+(" + "|".join(comics.SHAPES) + r")\b")
-_OBJ_NAME = "a (" + "|".join(comics.COLOURS) + ") (" + "|".join(comics.SHAPES) + ")"
+_COLOUR, _SHAPE = "|".join(comics.COLOURS), "|".join(comics.SHAPES)
+_OBJ = re.compile(rf"\b({_COLOUR})\s+({_SHAPE})\b")
+_OBJ_NAME = re.compile(f"a ({_COLOUR}) ({_SHAPE})")
 
 
 def well_formed(text: str) -> bool:
     """Whether ``text`` reads as the embedded model's narration "a X, then a Y, ...", allowing
     a last object cut off by the token limit."""
     parts = text.strip().lower().split(", then ")
-    if any(not re.fullmatch(_OBJ_NAME, p) for p in parts[:-1]):
+    if any(not _OBJ_NAME.fullmatch(p) for p in parts[:-1]):
         return False
     last = parts[-1]
     names = (f"a {c} {s}" for c in comics.COLOURS for s in comics.SHAPES)
