@@ -3,13 +3,16 @@
     python bench/overhead.py                       # Gemma 3 270M Q4_K_M from the test extra
     python bench/overhead.py --vlm                 # the embedded VLM, a comic strip prompt
     python bench/overhead.py -m model.gguf -ngl 99 --heads 10
+    python bench/overhead.py --vlm --headmap headmaps/organism.json   # what the CLI runs
 
 Both models live in one process. Each rep loads a fresh unsteered and a fresh steered model
 (order alternating; the weights are mmapped once, so this is cheap), warms both up, and times
 each --runs times (the fastest run counts, which drops pre-emption spikes). Fresh pairs matter:
 two identical contexts created once can differ by 2-3% for the life of the process (memory
 placement), more than the effect measured. "steered" hooks every layer (all heads, or the first
-N heads of each layer with --heads N) with a real, non-zero bias, in prefill and decode. Prints
+N heads of each layer with --heads N) with a real, non-zero bias, in prefill and decode: the
+worst case. With --headmap it steers as `llama-steer --headmap` does by default (the headmap's
+top-k heads, mode, strength, decode-only and focus), the configuration users run. Prints
 the ratio of the medians and the median and quartiles of the per-rep ratios,
 steered/unsteered (>= 0.98 is the goal on CPU).
 """
@@ -135,6 +138,10 @@ def main(argv=None) -> int:
         default="all",
         help="'all', 'layers:A-B' (every head of those layers), or N: first N heads of every layer",
     )
+    ap.add_argument(
+        "--headmap",
+        help="steer with this headmap's recommended heads and settings instead of --heads",
+    )
     ap.add_argument("--vlm", action="store_true", help="the embedded VLM on a comic strip")
     args = ap.parse_args(argv)
     common = dict(
@@ -159,9 +166,11 @@ def main(argv=None) -> int:
         img = comics.render(comics.make_strip(6 * 10**9, "2x3"))
         msgs = [user_message("Describe the strip.", [img])]
         heads = _heads(args, path)
+        roi = Panel(3, grid=(2, 3))
 
         def steered():
-            st = Steering(heads=heads, roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0)
+            st = _from_headmap(args.headmap, roi) if args.headmap else None
+            st = st or Steering(heads=heads, roi=roi, mode="redirect", strength=4.0)
             return Llama(model_path=path, chat_handler=handler(), steering=st, **common)
 
         return compare(
@@ -171,7 +180,8 @@ def main(argv=None) -> int:
             args.reps,
             args.runs,
             f"model: {os.path.basename(path)} (embedded VLM), a 2x3 strip "
-            f"+ question, up to {args.n_predict} tokens, heads={args.heads}",
+            f"+ question, up to {args.n_predict} tokens, "
+            + (f"headmap={args.headmap}" if args.headmap else f"heads={args.heads}"),
         )
     path = args.model or default_model()
     probe = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
@@ -179,8 +189,11 @@ def main(argv=None) -> int:
     probe.close()
     heads = _heads(args, path)
 
+    roi = Tokens(1, min(12, len(tokens)))
+
     def steered():
-        st = Steering(heads=heads, roi=Tokens(1, min(12, len(tokens))), strength=2.0)
+        st = _from_headmap(args.headmap, roi) if args.headmap else None
+        st = st or Steering(heads=heads, roi=roi, strength=2.0)
         return Llama(model_path=path, steering=st, **common)
 
     return compare(
@@ -190,7 +203,24 @@ def main(argv=None) -> int:
         args.reps,
         args.runs,
         f"model: {os.path.basename(path)}  prompt: {len(tokens)} tokens  "
-        f"decode: {args.n_predict}  heads={args.heads}",
+        f"decode: {args.n_predict}  "
+        + (f"headmap={args.headmap}" if args.headmap else f"heads={args.heads}"),
+    )
+
+
+def _from_headmap(path: str, roi) -> Steering:
+    """The steering `llama-steer --headmap PATH --roi ...` makes: the headmap's defaults."""
+    from llama_steer.headmap import Headmap
+
+    hm = Headmap.load(path)
+    rec = hm.recommended()
+    return Steering(
+        headmap=hm,
+        roi=roi,
+        mode=rec["mode"],
+        strength=float(rec["strength"]),
+        decode_only=rec["decode_only"],
+        focus=rec["focus"],
     )
 
 

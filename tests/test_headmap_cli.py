@@ -12,7 +12,14 @@ from conftest import PROMPT, run_cli
 
 from llama_steer import Steering, SteeringError
 from llama_steer.cli import CliError, parse_heads, parse_schedule
-from llama_steer.headmap import Headmap, HeadmapError, HeadScore, ModelIdentity, convert
+from llama_steer.headmap import (
+    RECOMMENDED,
+    Headmap,
+    HeadmapError,
+    HeadScore,
+    ModelIdentity,
+    convert,
+)
 
 GEMMA = ModelIdentity("gemma3", 18, 4, 1)
 
@@ -111,6 +118,13 @@ def test_cli_parsers():
         parse_schedule("5:left,2:right")
     with pytest.raises(SteeringError, match="panel 9 does not exist"):
         parse_schedule("0:panel:9/6")
+
+
+def test_recommended_fills_what_the_headmap_leaves_out():
+    rec = headmap().recommended()
+    assert rec == dict(RECOMMENDED, top_k=5, mode="bias", strength=4.0)
+    assert headmap(defaults={}).recommended() == RECOMMENDED
+    assert set(RECOMMENDED) == set(Headmap.from_json(headmap().to_json()).recommended())
 
 
 def test_cli_takes_the_headmaps_recommendations_unless_overridden(tmp_path):

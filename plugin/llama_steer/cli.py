@@ -282,21 +282,18 @@ def make_steering(args):
     if args.headmap and args.heads:
         raise CliError("--heads and --headmap both pick heads: give one")
     hm = Headmap.load(args.headmap) if args.headmap else None
-    rec = hm.defaults if hm else {}
+    # no headmap: the plain defaults (redirect at strength 4, prompt and generated tokens)
+    rec = hm.recommended() if hm else dict(mode="redirect", strength=4.0, decode_only=False)
     heads = dict(headmap=hm, top_k=args.top_k) if hm else dict(heads=parse_heads(args.heads))
-    mode = args.mode or rec.get("mode", "redirect")
+    mode = args.mode or rec["mode"]
     if roi is None and mode != "image-boost":
         return Steering(strength=0.0, **heads), schedule
     focus = args.focus or rec.get("focus")
     return Steering(
         roi=roi,
         mode=mode,
-        strength=args.strength if args.strength is not None else float(rec.get("strength", 4.0)),
-        decode_only=(
-            args.decode_only
-            if args.decode_only is not None
-            else bool(rec.get("decode_only", False))
-        ),
+        strength=args.strength if args.strength is not None else float(rec["strength"]),
+        decode_only=args.decode_only if args.decode_only is not None else rec["decode_only"],
         focus=None if focus == "none" else focus,
         **heads,
     ), schedule

@@ -44,14 +44,10 @@ def default_heads(model_path: str, headmap: str | None = None, top_k: int | None
             if headmap:
                 raise
             continue
-        k = top_k or int(hm.defaults.get("top_k", 10))
-        kw = {
-            "headmap": hm,
-            "top_k": k,
-            "decode_only": bool(hm.defaults.get("decode_only", True)),
-            "focus": hm.defaults.get("focus"),
-        }
-        return kw, f"top {k} heads of {p.name}", float(hm.defaults.get("strength", 8.0))
+        rec = hm.recommended()
+        k = top_k or rec["top_k"]
+        kw = {"headmap": hm, "top_k": k, "decode_only": rec["decode_only"], "focus": rec["focus"]}
+        return kw, f"top {k} heads of {p.name}", float(rec["strength"])
     # Simple rule, used only while no headmap exists for this model: every head, edits on
     # generated tokens only (prefill edits with many heads break the small model's answers)
     return {"heads": "all", "decode_only": True}, "all heads, decode only (no headmap)", 8.0

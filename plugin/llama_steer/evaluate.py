@@ -546,7 +546,7 @@ def sweep_png(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from llama_steer.cli import CliError, add_model_args, load, resolve_model
-    from llama_steer.headmap import Headmap
+    from llama_steer.headmap import RECOMMENDED, Headmap
     from llama_steer.steering import Steering
 
     p = argparse.ArgumentParser(
@@ -602,11 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     hm = Headmap.load(args.headmap) if args.headmap else None
     if hm is not None:
         hm.check_model(model, strict=False)
-    strength = (
-        args.strength
-        if args.strength is not None
-        else (float(hm.defaults.get("strength", 8.0)) if hm else 8.0)
-    )
+    rec = hm.recommended() if hm else RECOMMENDED
+    strength = args.strength if args.strength is not None else float(rec["strength"])
     args.model, args.mmproj, args.image = model, mmproj, []
     llm, _ = load(args, Steering(strength=0.0))  # observer only, until steered
     L = llm._steer_hook.n_layer
@@ -614,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]
     base = 5 * 10**9 + 1000 * args.eval_seed  # seeds no training used
     strips = [comics.make_strip(base + i, layouts[i % len(layouts)]) for i in range(args.n_strips)]
-    focus = args.focus or (hm.defaults.get("focus") if hm else None)
+    focus = args.focus or rec["focus"]
     ev = Evaluator(llm, strength, focus=None if focus == "none" else focus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
     Headmap ............. dataclass; from_json / to_json (a round trip is equal), load / save
     Headmap.top(k) ...... the k best heads as (layer, head) pairs, for Steering(heads=...)
+    Headmap.recommended()   its defaults, with RECOMMENDED filling what it leaves out
     Headmap.bottom(k), Headmap.random(k, seed)   the paper's control head sets
     Headmap.check_model(path)   refuse a headmap made for another model
     ModelIdentity ....... architecture, n_layer, n_head, n_head_kv, GGUF header fingerprint
@@ -19,6 +20,7 @@ Schema (version 1, JSON)::
 
 ``defaults`` (all optional) are what the CLI uses when a flag is not given: top_k (int), mode
 (str, a steering mode), strength (number), decode_only (bool), focus (null or "content").
+A key left out takes its value from ``RECOMMENDED`` (the gaze-heads recipe).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 
 from llama_steer._errors import SteeringError
 
-__all__ = ["HeadScore", "Headmap", "HeadmapError", "ModelIdentity"]
+__all__ = ["RECOMMENDED", "HeadScore", "Headmap", "HeadmapError", "ModelIdentity"]
 
 VERSION = 1
 
@@ -58,6 +60,17 @@ _DEFAULTS = {
     "strength": (int, float),
     "decode_only": bool,
     "focus": (str, type(None)),
+}
+
+
+# what a headmap's missing defaults mean: the gaze-heads recipe (a few heads, redirect, edits
+# on generated tokens only: prefill edits with many heads break a small model's answers)
+RECOMMENDED = {
+    "top_k": 10,
+    "mode": "redirect",
+    "strength": 8.0,
+    "decode_only": True,
+    "focus": None,
 }
 
 
@@ -216,6 +229,15 @@ class Headmap:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    def recommended(self) -> dict:
+        """How to steer with this headmap: ``defaults`` over ``RECOMMENDED``.
+
+        >>> rec = Headmap.load("headmaps/organism.json").recommended()
+        >>> rec["strength"], rec["top_k"]          # (16.0, 20)
+        >>> Steering(headmap=hm, roi=Panel(3, 6), **rec)
+        """
+        return {**RECOMMENDED, **self.defaults}
 
     # -- head sets --------------------------------------------------------------------------
     def top(self, k: int) -> list[tuple[int, int]]:

@@ -253,7 +253,7 @@ class Steering:
 
             hm = hm if isinstance(hm, Headmap) else Headmap.load(hm)
             cfg["headmap"] = hm
-            k = cfg["top_k"] if cfg["top_k"] is not None else hm.defaults.get("top_k", 10)
+            k = cfg["top_k"] if cfg["top_k"] is not None else hm.recommended()["top_k"]
             cfg["heads"] = hm.top(min(int(k), len(hm.heads)) if cfg["top_k"] is None else int(k))
         elif cfg["top_k"] is not None:
             raise SteeringError("top_k= goes with headmap=: pass the headmap to rank heads by")
