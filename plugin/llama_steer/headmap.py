@@ -234,7 +234,7 @@ class Headmap:
         """How to steer with this headmap: ``defaults`` over ``RECOMMENDED``.
 
         >>> rec = Headmap.load("headmaps/organism.json").recommended()
-        >>> rec["strength"], rec["top_k"]          # (16.0, 20)
+        >>> rec["strength"], rec["top_k"]          # (12.0, 20)
         >>> Steering(headmap=hm, roi=Panel(3, 6), **rec)
         """
         return {**RECOMMENDED, **self.defaults}

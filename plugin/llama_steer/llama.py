@@ -238,6 +238,7 @@ class Llama(llama_cpp.Llama):
             self._steer_last_phase = _native.PHASE_PREFILL
             self._steer_cell_key: list = []  # per position: config key its KV was made under
             self._steer_images: list[ImageSpan] = []
+            self._steer_piece_memo: dict[int, bytes] = {}
             self._steer_mem = _lc.llama_get_memory(self._ctx.ctx)  # fixed for the context
             self._steer_generating = False
             self._steer_fresh_layout = False
@@ -312,13 +313,18 @@ class Llama(llama_cpp.Llama):
         vocab = self._model.vocab
         n_vocab = self.n_vocab()
         buf = ctypes.create_string_buffer(256)
+        memo = self._steer_piece_memo  # the vocabulary is fixed: one ctypes call per id, once
         out = []
         for i, t in enumerate(tokens):
-            if i in skip or not 0 <= int(t) < n_vocab:
+            t = int(t)
+            if i in skip or not 0 <= t < n_vocab:
                 out.append(b"")
                 continue
-            n = _lc.llama_token_to_piece(vocab, int(t), buf, len(buf), 0, False)
-            out.append(bytes(buf.raw[: max(n, 0)]))
+            piece = memo.get(t)
+            if piece is None:
+                n = _lc.llama_token_to_piece(vocab, t, buf, len(buf), 0, False)
+                piece = memo[t] = bytes(buf.raw[: max(n, 0)])
+            out.append(piece)
         return out
 
     def _steer_seq_for(self, tokens: Sequence[int], images: list[ImageSpan]) -> Seq:
