@@ -86,6 +86,7 @@ class _MtmdWatch:
     def __init__(self, module, llm: Llama, mmproj: str):
         self._m = module
         self._llm = weakref.proxy(llm)  # the model owns its handler: no cycle (see Steering)
+        self._recent: list[np.ndarray] = []  # pixels of the last prompts' images (see _pixels)
         try:
             self._geometry: Geometry | None = Geometry.from_mmproj(mmproj)
         except (GeometryError, OSError, KeyError, ValueError):
@@ -108,11 +109,16 @@ class _MtmdWatch:
         n = int(m.mtmd_bitmap_get_n_bytes(bitmap))
         if n != nx * ny * 3:
             return np.zeros((ny, nx, 0), np.uint8)  # not RGB: size only, content unknown
-        return (
-            np.ctypeslib.as_array(m.mtmd_bitmap_get_data(bitmap), shape=(n,))
-            .reshape(ny, nx, 3)
-            .copy()
-        )
+        view = np.ctypeslib.as_array(m.mtmd_bitmap_get_data(bitmap), shape=(n,)).reshape(ny, nx, 3)
+        # a chat resends its image with every turn: hand back the same array for the same
+        # pixels, so what was derived from them (content focus) is found again by identity
+        for old in self._recent:
+            if old.shape == view.shape and np.array_equal(old, view):
+                return old
+        px = view.copy()
+        px.setflags(write=False)
+        self._recent = [px, *self._recent[:7]]
+        return px
 
     def _layout(self, chunks, pixels: list) -> list:
         m = self._m
