@@ -204,3 +204,12 @@ def test_bad_input_is_refused_with_the_fix(make_llm):
         Llama(model_path=llm.model_path, steering=llm.steering, verbose=False)
     llm.steering.close()
     llm.steering.close()  # twice is fine
+
+
+def test_a_cache_that_lost_its_start_is_refused(make_llm):
+    llm = make_llm(Steering(roi=MARY, strength=2.0))
+    toks = llm.tokenize(PROMPT.encode())
+    llm.eval(toks)
+    llm._ctx.kv_cache_seq_rm(0, 0, 3)  # as a context shift does: cell i no longer holds token i
+    with pytest.raises(SteeringError, match="KV cache holds positions"):
+        llm.eval(llm.tokenize(b" Madrid", add_bos=False))
