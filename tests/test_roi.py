@@ -195,8 +195,8 @@ def test_focus_content_narrows_image_cells_only():
     np.testing.assert_array_equal(got, [0, 1, 2, 5 + 12, 5 + 13, 5 + 21, 5 + 22])
     no_pixels = Seq([0] * 70, [b""] * 70, np.arange(70), [ImageSpan(1, g, 5, 5, 9)])
     np.testing.assert_array_equal(focus_content(cells, no_pixels), cells)
-    # remembered per pixel array (resolved several times per generation): another image with
-    # the same grid and cells gets its own answer
+    # the same call again gives the same cells; another image with the same grid and cells
+    # gets its own answer
     again = focus_content(np.concatenate([text, cells]), seq)
     np.testing.assert_array_equal(again, got)
     other = _drawing()

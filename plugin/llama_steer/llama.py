@@ -117,7 +117,7 @@ class _MtmdWatch:
                 return old
         px = view.copy()
         px.setflags(write=False)
-        self._recent = [px, *self._recent[:7]]
+        self._recent = [px, *self._recent[:3]]  # a few: large photos are megabytes each
         return px
 
     def _layout(self, chunks, pixels: list) -> list:

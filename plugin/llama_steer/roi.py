@@ -25,7 +25,6 @@ Grammar (``--roi``), terms joined by ``+``::
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,25 +458,6 @@ def resolve(targets: tuple, seq: Seq) -> tuple[np.ndarray, np.ndarray | None]:
     return uniq, (all_w[first] if any_weights else None)
 
 
-# (id(pixels), grid, tokens) -> (pixels, result). A config is resolved several times per
-# generation against the same image (prompt layout, generate, retargets), ~1 ms each
-# otherwise. Only for ImageSpan pixels: private copies nothing writes to.
-_CONTENT_MEMO: OrderedDict = OrderedDict()
-
-
-def _content_tokens_memo(pixels: np.ndarray, grid, tokens: np.ndarray) -> np.ndarray:
-    key = (id(pixels), grid, tokens.tobytes())
-    hit = _CONTENT_MEMO.get(key)
-    if hit is not None and hit[0] is pixels:
-        return hit[1]
-    out = content_tokens(pixels, grid, tokens)
-    out.setflags(write=False)
-    _CONTENT_MEMO[key] = (pixels, out)
-    while len(_CONTENT_MEMO) > 32:
-        _CONTENT_MEMO.popitem(last=False)
-    return out
-
-
 def focus_content(cells: np.ndarray, seq: Seq) -> np.ndarray:
     """``cells`` with each image's part narrowed to the tokens that show content
     (``vision.content_tokens``); text cells and images without recorded pixels unchanged."""
@@ -487,7 +467,7 @@ def focus_content(cells: np.ndarray, seq: Seq) -> np.ndarray:
         inside = (cells >= lo) & (cells < hi)
         if span.pixels is not None and inside.any():
             rest &= ~inside
-            kept.append(_content_tokens_memo(span.pixels, span.grid, cells[inside] - lo) + lo)
+            kept.append(content_tokens(span.pixels, span.grid, cells[inside] - lo) + lo)
     return np.unique(np.concatenate([cells[rest], *kept])).astype(np.int64)
 
 
