@@ -190,6 +190,7 @@ class Llama(llama_cpp.Llama):
         self._steer_hook: _native.Hook | None = None
         if steering is None:
             super().__init__(*args, **kwargs)
+            _LIVE.add(self)  # closed before the std streams go, like a steered model
             return
         if not isinstance(steering, Steering):
             raise SteeringError(f"steering={steering!r}: pass a llama_steer.Steering")
