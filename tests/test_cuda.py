@@ -7,6 +7,7 @@ CI has no GPU: the compile checks and the error paths run there; GPU tests skip 
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,59 @@ def test_gpu_edit_and_observe_equal_the_host_path(shape, pad):
         finally:
             hook.close()
             loaded.close()
+
+
+HEADMAP = str(Path(__file__).resolve().parents[1] / "headmaps" / "organism.json")
+
+
+def _offloads() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload()) and _has_gpu()
+
+
+@pytest.mark.gpu
+def test_offloaded_steering_equals_the_host_path(organism):
+    """The organism fully offloaded and steered by the kernels answers as the same steering on
+    the host path (offload_kqv=False); strength 0 on the GPU is the unsteered GPU model."""
+    if not _offloads():
+        pytest.skip("needs llama-cpp-python built with CUDA and a GPU (-DGGML_CUDA=on)")
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from llama_steer import Llama, Panel, Steering, comics
+    from llama_steer.cli import user_message
+
+    model, mmproj = organism
+
+    def make(steering, **kw):
+        handler = MTMDChatHandler(clip_model_path=mmproj, verbose=False)
+        return Llama(
+            model_path=model, chat_handler=handler, steering=steering, n_ctx=1024,
+            n_gpu_layers=99, verbose=False, seed=1, **kw,
+        )  # fmt: skip
+
+    def ask(llm, img):
+        msg = [user_message("What is in this panel?", [img])]
+        out = llm.create_chat_completion(msg, max_tokens=16, temperature=0)
+        return out["choices"][0]["message"]["content"].strip()
+
+    def steer():
+        return Steering(
+            headmap=HEADMAP, roi=Panel(1, grid=(2, 3)), mode="redirect",
+            strength=12.0, decode_only=True, focus="content",
+        )  # fmt: skip
+
+    gpu, host = make(steer()), make(steer(), offload_kqv=False)
+    assert gpu._steer_cuda is not None and host._steer_cuda is None
+    imgs = [comics.render(comics.make_strip(7 * 10**9 + i, "2x3"), "numpy") for i in range(3)]
+    for img in imgs:
+        for p in range(2, 7):
+            gpu.steering.update(roi=Panel(p, grid=(2, 3)))
+            host.steering.update(roi=Panel(p, grid=(2, 3)))
+            assert ask(gpu, img) == ask(host, img)
+    assert gpu.steering.stats().n_kq_edited > 0
+    gpu.steering.update(strength=0.0)
+    plain = make(None)
+    assert [ask(gpu, im) for im in imgs] == [ask(plain, im) for im in imgs]
+    for llm in (gpu, host, plain):
+        llm.close()
