@@ -169,8 +169,10 @@ def main(argv=None) -> int:
         roi = Panel(3, grid=(2, 3))
 
         def steered():
-            st = _from_headmap(args.headmap, roi) if args.headmap else None
-            st = st or Steering(heads=heads, roi=roi, mode="redirect", strength=4.0)
+            if args.headmap:
+                st = _from_headmap(args.headmap, roi)
+            else:
+                st = Steering(heads=heads, roi=roi, mode="redirect", strength=4.0)
             return Llama(model_path=path, chat_handler=handler(), steering=st, **common)
 
         return compare(
@@ -192,8 +194,10 @@ def main(argv=None) -> int:
     roi = Tokens(1, min(12, len(tokens)))
 
     def steered():
-        st = _from_headmap(args.headmap, roi) if args.headmap else None
-        st = st or Steering(heads=heads, roi=roi, strength=2.0)
+        if args.headmap:
+            st = _from_headmap(args.headmap, roi)
+        else:
+            st = Steering(heads=heads, roi=roi, strength=2.0)
         return Llama(model_path=path, steering=st, **common)
 
     return compare(
@@ -213,15 +217,7 @@ def _from_headmap(path: str, roi) -> Steering:
     from llama_steer.headmap import Headmap
 
     hm = Headmap.load(path)
-    rec = hm.recommended()
-    return Steering(
-        headmap=hm,
-        roi=roi,
-        mode=rec["mode"],
-        strength=float(rec["strength"]),
-        decode_only=rec["decode_only"],
-        focus=rec["focus"],
-    )
+    return Steering(headmap=hm, roi=roi, **hm.recommended())
 
 
 def _heads(args, path: str):

@@ -483,14 +483,11 @@ class Llama(llama_cpp.Llama):
         decode_step = self._steer_generating and self._steer_last_phase == _native.PHASE_DECODE
         if self._steer_generating:
             self._steer_next_phase = _native.PHASE_DECODE
-        keys = self._steer_cell_key
-        if decode_step and len(keys) == n_past and self.n_tokens == n_past + 1:
-            # one generated token: nothing between two steps of generate() moves the cache,
-            # so the layout check of the prompt eval still holds (~5 us a token saved, cold)
-            keys.append(key)
-            return
         self._steer_record(n_past, self.n_tokens, key)
-        self._steer_check_cells()
+        if not decode_step:
+            # nothing between two steps of generate() moves the cache, so the layout check of
+            # the prompt eval still holds for its decode steps (~5 us a token saved, cold)
+            self._steer_check_cells()
 
     def reset(self):
         super().reset()
