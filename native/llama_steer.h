@@ -40,6 +40,7 @@ extern "C" {
 #define STEER_F_SOFTCAP 16
 #define STEER_F_BAD_NAME 32
 #define STEER_F_CUDA 64
+#define STEER_F_NOT_HOOKED 128
 
 /* phases (bitmask in a config; one value in steer_hook_begin_eval) */
 #define STEER_PHASE_PREFILL 1
@@ -60,6 +61,8 @@ typedef struct steer_stats {
     int32_t last_n_kv;      /* ne[0] of the last hooked node */
     int32_t last_n_tokens;  /* ne[1] of the last hooked node */
     uint64_t n_kq_edited_eval; /* kq-<il> nodes edited since the last steer_hook_begin_eval */
+    uint64_t eval_key; /* key of the config pinned by begin_eval when it edits in that phase,
+                          else 0: the config the new cells' K/V were computed under */
 } steer_stats;
 
 /* lifecycle */
@@ -81,15 +84,19 @@ int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
  * phases:  STEER_PHASE_* bitmask of the phases whose rows are edited
  * region:  [n_region_cells] region id per KV cell for the observer, -1 = none; NULL = off
  * obs_layers: [n_layer] 0/1 layers whose kq_soft_max is observed; NULL = none
- * obs_rows:   STEER_ROWS_LAST (overwrite with the last row) or STEER_ROWS_ALL (accumulate) */
+ * obs_rows:   STEER_ROWS_LAST (overwrite with the last row) or STEER_ROWS_ALL (accumulate)
+ * key:     the caller's id of this edit (heads, bias, tail, phases), reported back as
+ *          steer_stats.eval_key by the evals it is pinned for */
 int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias,
                           int32_t n_cells, float tail, int32_t phases,
                           const int16_t *region, int32_t n_region_cells, int32_t n_regions,
-                          const uint8_t *obs_layers, int32_t obs_rows);
+                          const uint8_t *obs_layers, int32_t obs_rows, uint64_t key);
 
 /* Bracket one llama_decode: the config is pinned for the whole call (every layer of a token
  * sees the same config) and rows are edited only if `phase` is in the config's phases.
- * end_eval copies the counters to `out` when it is not NULL (one call per decode step). */
+ * end_eval sets STEER_F_NOT_HOOKED when the pinned config edits in `phase` and a graph ran
+ * but no kq-<il> node was edited (a silent no-op), and copies the counters to `out` when it
+ * is not NULL (one call per decode step: everything the caller checks is in `out`). */
 int steer_hook_begin_eval(steer_hook *h, int32_t phase);
 int steer_hook_end_eval(steer_hook *h, steer_stats *out);
 

@@ -120,7 +120,7 @@ static void nap(void) {
 int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias,
                           int32_t n_cells, float tail, int32_t phases,
                           const int16_t *region, int32_t n_region_cells, int32_t n_regions,
-                          const uint8_t *obs_layers, int32_t obs_rows) {
+                          const uint8_t *obs_layers, int32_t obs_rows, uint64_t key) {
     if (!h) return STEER_E_ARG;
     if (!h->bound) return STEER_E_UNBOUND;
     if (n_cells < 0 || (n_cells > 0 && !bias) || !isfinite(tail)) return STEER_E_ARG;
@@ -179,6 +179,7 @@ int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias
     c.obs_rows = obs_rows;
     c.observes = any_obs && c.n_regions > 0;
     c.version = ++h->next_version;
+    c.key = key;
 
     /* observer buffers are resized by the writer: only between evals (documented) */
     if (c.observes && c.n_regions != h->obs_n_regions) {
@@ -213,13 +214,22 @@ int steer_hook_begin_eval(steer_hook *h, int32_t phase) {
     if (h->pinned >= 0) unpin(h, h->pinned);
     h->pinned = pin(h);
     h->phase = phase;
+    const steer_cfg *c = &h->slot[h->pinned];
     h->stats.n_kq_edited_eval = 0;
+    h->stats.eval_key = (c->edits && (c->phases & phase)) ? c->key : 0;
+    h->asked_at_begin = h->stats.n_asked;
     return STEER_OK;
 }
 
 int steer_hook_end_eval(steer_hook *h, steer_stats *out) {
     if (!h) return STEER_E_ARG;
-    if (h->pinned >= 0) unpin(h, h->pinned);
+    if (h->pinned >= 0) {
+        const steer_cfg *c = &h->slot[h->pinned];
+        if (c->edits && (c->phases & h->phase) && h->stats.n_kq_edited_eval == 0 &&
+            h->stats.n_asked > h->asked_at_begin)
+            h->stats.flags |= STEER_F_NOT_HOOKED;
+        unpin(h, h->pinned);
+    }
     h->pinned = -1;
     h->phase = 0;
     if (out) *out = h->stats;

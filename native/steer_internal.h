@@ -30,6 +30,7 @@ typedef struct steer_cfg {
     int32_t obs_rows;
     int observes;
     uint64_t version; /* set at publish; the CUDA path re-uploads tables when it changes */
+    uint64_t key;     /* the caller's id of the edit (steer_stats.eval_key) */
 } steer_cfg;
 
 struct steer_hook {
@@ -46,6 +47,7 @@ struct steer_hook {
     /* eval-thread state */
     int pinned; /* slot pinned by begin_eval, or -1 */
     int32_t phase;
+    uint64_t asked_at_begin; /* stats.n_asked at begin_eval: did a graph run since? */
     float *scale; /* [n_layer] softmax scale per layer (0 = unknown) */
     float *obs;   /* [n_layer * n_head * n_regions] */
     uint64_t *obs_rows_count;

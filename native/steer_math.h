@@ -20,8 +20,10 @@
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define STEER_HD __host__ __device__ __forceinline__
+#define STEER_RESTRICT __restrict__
 #else
 #define STEER_HD static inline
+#define STEER_RESTRICT restrict
 #endif
 
 STEER_HD float steer_delta(long long j, const float *bias, int n_cells, float tail, int lo,
@@ -35,16 +37,19 @@ STEER_HD short steer_region(long long j, const short *region, int n_region_cells
     return j < (long long)n_region_cells ? region[j] : (short)-1;
 }
 
-/* host: edit one row of raw QK^T (n_kv keys) */
-STEER_HD void steer_edit_row(float *row, long long n_kv, const float *bias, int n_cells,
-                             float tail, int lo, int hi, float inv_scale) {
+/* host: edit one row of raw QK^T (n_kv keys). steer_delta split by range, branch-free
+ * inside each so the compiler vectorizes it: [lo, hi) lies below n_cells (bias[j] *
+ * inv_scale), [n_cells, n_kv) is the tail (tail * inv_scale). */
+STEER_HD void steer_edit_row(float *STEER_RESTRICT row, long long n_kv, const float *STEER_RESTRICT bias,
+                             int n_cells, float tail, int lo, int hi, float inv_scale) {
     long long end = (long long)hi < n_kv ? (long long)hi : n_kv;
     for (long long j = lo; j < end; j++) {
-        row[j] += steer_delta(j, bias, n_cells, tail, lo, hi, inv_scale);
+        row[j] += bias[j] * inv_scale;
     }
     if (tail != 0.0f) {
+        const float t = tail * inv_scale;
         for (long long j = n_cells; j < n_kv; j++) {
-            row[j] += steer_delta(j, bias, n_cells, tail, lo, hi, inv_scale);
+            row[j] += t;
         }
     }
 }

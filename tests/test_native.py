@@ -114,6 +114,44 @@ def test_end_eval_counts_this_eval_alone():
     assert hook.end_eval() is None  # closed: nothing to unpin
 
 
+def test_end_eval_reports_the_edit_key_and_flags_a_silent_no_op():
+    """eval_key names the edit the new cells were made under (0 when the pinned config does
+    not edit in the eval's phase); a graph that ran without any kq node edited while the
+    config edits is flagged, an eval that ran no graph is not."""
+    g = _native._ggml()
+    L = g["lib"]
+    ctx = L.ggml_init(_native._GgmlInitParams(1 << 16, None, False))
+    try:
+        other = L.ggml_new_tensor_4d(ctx, 0, 4, 1, 1, 1)
+        L.ggml_set_name(other, b"ffn_out-1")  # a graph node that is not attention
+        with make_hook() as hook:
+            heads = np.zeros((3, 4), bool)
+            heads[1, 2] = True
+            hook.set_config(heads, np.ones(5, np.float32), phases=DEC, key=7)
+            kq = np.zeros((1, 4, 1, 5), np.float32)
+            hook.begin_eval(DEC)
+            hook.edit_buffer(1, DEC, kq)
+            out = hook.end_eval()
+            assert (out.eval_key, out.flags) == (7, 0)
+            hook.begin_eval(PF)  # decode-only config: prefill cells are unedited
+            assert hook.end_eval().eval_key == 0
+            hook.begin_eval(DEC)  # no graph ran (an empty batch): nothing to refuse
+            assert hook.end_eval().flags == 0
+            hook.begin_eval(DEC)  # a graph ran and no kq node was edited: refused
+            assert not _native.lib.steer_cb_eval(_native.ffi.cast("void *", other), True, hook._h)
+            out = hook.end_eval()
+            assert out.flags & _native.lib.STEER_F_NOT_HOOKED
+            assert any("no attention node" in m for m in _native.describe_flags(out.flags))
+            hook.set_config(heads, np.zeros(5, np.float32), phases=DEC, key=8)  # no edit
+            hook.stats(reset=True)
+            hook.begin_eval(DEC)
+            _native.lib.steer_cb_eval(_native.ffi.cast("void *", other), True, hook._h)
+            out = hook.end_eval()
+            assert (out.eval_key, out.flags) == (0, 0)
+    finally:
+        L.ggml_free(ctx)
+
+
 def test_unknown_scale_is_an_error_not_a_silent_skip():
     with _native.Hook() as hook:
         hook.bind(2, 2)

@@ -46,6 +46,10 @@ FLAGS = {
         "a CUDA launch or copy of the steering kernel failed; pass offload_kqv=False to keep "
         "attention on the host"
     ),
+    lib.STEER_F_NOT_HOOKED: (
+        "steering is on but no attention node was hooked during an eval: the graph has no "
+        "kq-<il> nodes (flash attention on?); refusing to run unsteered"
+    ),
 }
 
 _MESSAGES = {
@@ -100,6 +104,7 @@ class Stats:
     last_n_kv: int
     last_n_tokens: int
     n_kq_edited_eval: int  # kq nodes edited by the last bracketed eval alone
+    eval_key: int  # key of the edit the last bracketed eval ran under (0: none)
 
 
 def _stats(out) -> Stats:
@@ -112,6 +117,7 @@ def _stats(out) -> Stats:
         out.last_n_kv,
         out.last_n_tokens,
         out.n_kq_edited_eval,
+        out.eval_key,
     )
 
 
@@ -239,11 +245,13 @@ class Hook:
         n_regions: int = 0,
         obs_layers: np.ndarray | None = None,
         obs_rows: int = ROWS_LAST,
+        key: int = 0,
     ) -> None:
         """Publish a config.
 
         heads: (n_layer, n_head) bool; bias: (n_cells,) float32 logit units;
-        region: (n_cells,) int16 region ids (-1 none); obs_layers: (n_layer,) bool.
+        region: (n_cells,) int16 region ids (-1 none); obs_layers: (n_layer,) bool;
+        key: the caller's id of the edit, reported back as ``eval_key`` by ``end_eval``.
         """
         self._alive()
         L, H = self.n_layer, self.n_head
@@ -279,6 +287,7 @@ class Hook:
                     int(n_regions) if r is not None else 0,
                     ptr(o, "uint8_t[]"),
                     int(obs_rows),
+                    int(key),
                 ),
                 "steer_hook_set_config",
             )

@@ -39,6 +39,8 @@ from llama_steer.vision import Geometry, GeometryError, ImageGrid, ImageSpan
 
 __all__ = ["Llama"]
 
+_DECODE = _native.PHASE_DECODE
+
 # V cache types llama.cpp supports without flash attention (f32, f16, bf16)
 _PLAIN_V_TYPES = {0, 1, 30}
 _params_lock = threading.Lock()
@@ -109,7 +111,9 @@ class _MtmdWatch:
         n = int(m.mtmd_bitmap_get_n_bytes(bitmap))
         if n != nx * ny * 3:
             return np.zeros((ny, nx, 0), np.uint8)  # not RGB: size only, content unknown
-        view = np.ctypeslib.as_array(m.mtmd_bitmap_get_data(bitmap), shape=(n,)).reshape(ny, nx, 3)
+        addr = ctypes.cast(m.mtmd_bitmap_get_data(bitmap), ctypes.c_void_p).value
+        # from_address + frombuffer: np.ctypeslib.as_array builds a new ctypes type (~0.1 ms)
+        view = np.frombuffer((ctypes.c_uint8 * n).from_address(addr), np.uint8).reshape(ny, nx, 3)
         # a chat resends its image with every turn: hand back the same array for the same
         # pixels, so what was derived from them (content focus) is found again by identity
         for old in self._recent:
@@ -129,7 +133,7 @@ class _MtmdWatch:
             if kind == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
                 n = ctypes.c_size_t()
                 ptr = m.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                out.append(("text", [ptr[j] for j in range(n.value)]))
+                out.append(("text", ptr[: n.value]))
                 continue
             if kind != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 raise SteeringError("steering supports text and image chunks (no audio)")
@@ -159,15 +163,19 @@ class _MtmdWatch:
     ):
         llm = self._llm
         start = int(getattr(n_past, "value", n_past))
-        rc, key = llm._steer_bracket(
-            start,
-            lambda: self._m.mtmd_helper_eval_chunk_single(
+        phase = llm._steer_next_phase
+        llm._steer_hook.begin_eval(phase)
+        try:
+            rc = self._m.mtmd_helper_eval_chunk_single(
                 ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
-            ),
-            lambda: int(new_n_past._obj.value),
-        )
+            )
+        finally:
+            after = llm._steer_hook.end_eval()
+        if after.flags:
+            llm._steer_refuse(after.flags)
+        llm._steer_last_phase = phase
         if rc == 0:
-            llm._steer_record(start, int(new_n_past._obj.value), key)
+            llm._steer_record(start, int(new_n_past._obj.value), after.eval_key)
         return rc
 
 
@@ -243,9 +251,10 @@ class Llama(llama_cpp.Llama):
                 self._steer_cuda = _cuda.attach(hook, device=given.get("main_gpu", 0))
             self._steer_next_phase = _native.PHASE_PREFILL
             self._steer_last_phase = _native.PHASE_PREFILL
-            self._steer_cell_key: list = []  # per position: config key its KV was made under
+            self._steer_cell_key: list[int] = []  # per position: key of the edit its KV had
             self._steer_images: list[ImageSpan] = []
             self._steer_piece_memo: dict[int, bytes] = {}
+            self._steer_seq_memo: tuple | None = None
             self._steer_mem = _lc.llama_get_memory(self._ctx.ctx)  # fixed for the context
             self._steer_generating = False
             self._steer_fresh_layout = False
@@ -335,8 +344,17 @@ class Llama(llama_cpp.Llama):
         return out
 
     def _steer_seq_for(self, tokens: Sequence[int], images: list[ImageSpan]) -> Seq:
-        """The Seq of a prompt of ``tokens`` (positions) holding ``images``."""
+        """The Seq of a prompt of ``tokens`` (positions) holding ``images``; the last one is
+        remembered (a chat prompt is mapped at its layout and again by generate())."""
         tokens = [int(t) for t in tokens]
+        memo = self._steer_seq_memo
+        if memo is not None and memo[0] == tokens and memo[1] == [id(im) for im in images]:
+            return memo[2]
+        seq = self._steer_build_seq(tokens, images)
+        self._steer_seq_memo = (tokens, [id(im) for im in images], seq)  # seq holds the images
+        return seq
+
+    def _steer_build_seq(self, tokens: list[int], images: list[ImageSpan]) -> Seq:
         n = len(tokens)
         in_image = {p for im in images for p in range(im.first_pos, im.first_pos + im.n_pos)}
         pieces = self._steer_pieces(tokens, skip=in_image)  # image positions carry no text
@@ -413,34 +431,14 @@ class Llama(llama_cpp.Llama):
         """Positions [start, end) were just evaluated under config ``key``."""
         keys = self._steer_cell_key
         if len(keys) < start:
-            keys.extend([object()] * (start - len(keys)))  # unknown: matches nothing
+            keys.extend([-1] * (start - len(keys)))  # unknown: matches no key
         del keys[start:]
         keys.extend([key] * (end - start))
 
-    def _steer_bracket(self, n_past: int, run, n_after):
-        """Run one decode (``run()``) with the config pinned for the current phase, record
-        under which config the new cells were made, and refuse silent no-ops."""
-        st, hook = self._steering, self._steer_hook
-        phase = self._steer_next_phase
-        with st._lock:
-            key = st._key_for(phase)
-            hook.begin_eval(phase)
-        try:
-            result = run()
-        finally:
-            after = hook.end_eval()
-        n_new = n_after() - n_past
-        self._steer_last_phase = phase
-        if after.flags:
-            raise SteeringError(
-                "steering could not run: " + "; ".join(_native.describe_flags(after.flags))
-            )
-        if key is not None and n_new > 0 and after.n_kq_edited_eval == 0:
-            raise SteeringError(
-                "steering is on but no attention node was hooked during this eval: the "
-                "graph has no kq-<il> nodes (flash attention on?); refusing to run unsteered"
-            )
-        return result, key
+    @staticmethod
+    def _steer_refuse(flags: int) -> None:
+        """A bracketed decode met ``flags`` (the hook also flags a silent no-op)."""
+        raise SteeringError("steering could not run: " + "; ".join(_native.describe_flags(flags)))
 
     # -- the parent's hot paths -------------------------------------------------------------
     def generate(self, tokens: Sequence[int], *args, **kwargs):
@@ -468,26 +466,39 @@ class Llama(llama_cpp.Llama):
             self._steer_generating = False
 
     def eval(self, tokens: Sequence[int]):
-        st = self._steering
-        if st is None or self._steer_hook is None:
+        hook = self._steer_hook
+        if hook is None:
             return super().eval(tokens)
+        st = self._steering
         n_past = self.n_tokens
         if st._published is None:  # eval() called directly, before any generate()
             seq = [int(t) for t in self.input_ids[:n_past]] + [int(t) for t in tokens]
             st._publish(self._steer_seq_for(seq, self._steer_images))
-        _, key = self._steer_bracket(
-            n_past, lambda: super(Llama, self).eval(tokens), lambda: self.n_tokens
-        )
+        # runs once per generated token: kept inline (each call and lookup here costs
+        # microseconds, cold, between decode steps that evict it from cache)
+        phase = self._steer_next_phase
+        hook.begin_eval(phase)
+        try:
+            super().eval(tokens)
+        finally:
+            after = hook.end_eval()
+        if after.flags:
+            self._steer_refuse(after.flags)
+        self._steer_last_phase = phase
+        keys = self._steer_cell_key
+        if len(keys) == n_past:  # the usual case: the next cells
+            keys.extend([after.eval_key] * (self.n_tokens - n_past))
+        else:
+            self._steer_record(n_past, self.n_tokens, after.eval_key)
         # within generate(), the prompt is the first eval and every later one a decode step;
         # any other eval (a chat handler's prompt chunks, a user's eval) is prefill
-        decode_step = self._steer_generating and self._steer_last_phase == _native.PHASE_DECODE
         if self._steer_generating:
-            self._steer_next_phase = _native.PHASE_DECODE
-        self._steer_record(n_past, self.n_tokens, key)
-        if not decode_step:
-            # nothing between two steps of generate() moves the cache, so the layout check of
-            # the prompt eval still holds for its decode steps (~5 us a token saved, cold)
-            self._steer_check_cells()
+            self._steer_next_phase = _DECODE
+            if phase == _DECODE:
+                # nothing between two steps of generate() moves the cache, so the layout check
+                # of the prompt eval still holds for its decode steps
+                return
+        self._steer_check_cells()
 
     def reset(self):
         super().reset()

@@ -112,7 +112,9 @@ class Steering:
         # collection, after Python has closed the std streams llama-cpp-python frees through
         self._llm_ref: weakref.ref | None = None
         self._hook: _native.Hook | None = None
-        self._key: str | None = None
+        self._key = 0  # id of the published edit (0: none); equal edits get equal ids
+        self._key_ids: dict[bytes, int] = {}
+        self._last_key_id = 0
         self._edits = False
         self._phases = 0
         self._cfg: dict = {}
@@ -444,6 +446,8 @@ class Steering:
             if seq is None:
                 seq = llm._steer_seq()
             bias, tail = self._bias(seq)
+            if self._published is not None and self._published[1] is bias:
+                return  # the memo's answer for the same config and prompt: published already
             heads = self._heads_mask()
             phases = _native.PHASE_DECODE
             if not self._cfg["decode_only"]:
@@ -451,21 +455,37 @@ class Steering:
             edits = bool(heads.any()) and (bool(np.any(bias != 0)) or tail != 0.0)
             self._published = (heads, bias, tail, phases)
             self._edits = edits
-            self._apply()
             self._phases = phases
             if edits:
                 hsh = hashlib.sha1()
                 for a in (heads.astype(np.uint8), bias, np.float32(tail), np.int32(phases)):
                     hsh.update(np.ascontiguousarray(a).tobytes())
-                self._key = hsh.hexdigest()
+                self._key = self._key_id(hsh.digest())
             else:
-                self._key = None
+                self._key = 0
+            self._apply()
+
+    def _key_id(self, digest: bytes) -> int:
+        """A small int per distinct edit, never reused: the hook reports it back with each
+        eval and cells record it (llama.py), so equal edits must get equal ids."""
+        ids = self._key_ids
+        if digest not in ids:
+            if len(ids) >= 4096:  # a long chat of retargets: forget old edits (costs re-evals)
+                ids.clear()
+            self._last_key_id += 1
+            ids[digest] = self._last_key_id
+        return ids[digest]
 
     def _apply(self) -> None:
         """Send the published edit and the current observer to the hook."""
         heads, bias, tail, phases = self._published
         self._hook.set_config(
-            heads if self._edit_on else None, bias, tail=tail, phases=phases, **self._observer
+            heads if self._edit_on else None,
+            bias,
+            tail=tail,
+            phases=phases,
+            key=self._key,
+            **self._observer,
         )
 
     @contextlib.contextmanager
@@ -492,6 +512,7 @@ class Steering:
                 if self._published is not None:
                     self._apply()
 
-    def _key_for(self, phase: int) -> str | None:
-        """What a cell evaluated now in ``phase`` is computed under (None = unedited)."""
-        return self._key if (self._edits and self._edit_on and self._phases & phase) else None
+    def _key_for(self, phase: int) -> int:
+        """What a cell evaluated now in ``phase`` is computed under (0 = unedited); the hook
+        reports the same for each eval (``eval_key``)."""
+        return self._key if (self._edits and self._edit_on and self._phases & phase) else 0
