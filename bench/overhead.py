@@ -6,20 +6,24 @@
     python bench/overhead.py --vlm --headmap headmaps/organism.json   # what the CLI runs
 
 Both models live in one process. Each rep loads a fresh unsteered and a fresh steered model
-(order alternating; the weights are mmapped once, so this is cheap), warms both up, and times
-each --runs times (the fastest run counts, which drops pre-emption spikes). Fresh pairs matter:
-two identical contexts created once can differ by 2-3% for the life of the process (memory
-placement), more than the effect measured. "steered" hooks every layer (all heads, or the first
-N heads of each layer with --heads N) with a real, non-zero bias, in prefill and decode: the
-worst case. With --headmap it steers as `llama-steer --headmap` does by default (the headmap's
-top-k heads, mode, strength, decode-only and focus), the configuration users run. Prints
-the ratio of the medians and the median and quartiles of the per-rep ratios,
-steered/unsteered (>= 0.98 is the goal on CPU).
+(order alternating; the weights are mmapped once, so this is cheap), warms both up, and runs
+--runs generations on each, the two advanced in turn one step (the prompt, then one token) at a
+time, so drift of the machine (other load, frequency) hits both alike. Per rep: the fastest
+prompt and the median token time of each. Fresh pairs matter: two identical contexts created
+once can differ by 2-3% for the life of the process (memory placement), more than the effect
+measured. "steered" hooks every layer (all heads, or the first N heads of each layer with
+--heads N) with a real, non-zero bias, in prefill and decode: the worst case. With --headmap
+it steers as `llama-steer --headmap` does by default (the headmap's top-k heads, mode,
+strength, decode-only and focus), the configuration users run. Prints the ratio of the
+medians and the median and quartiles of the per-rep ratios, steered/unsteered (>= 0.98 is
+the goal on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 import statistics
 import sys
@@ -45,58 +49,74 @@ def default_model() -> str:
     return str(g.assemble(os.path.join(cache, g.MODEL_NAME)))
 
 
-def text_run(llm, tokens, n_predict) -> tuple[float, float]:
-    """(prompt ms incl. first sample, decode tokens/s) from an empty cache."""
+def text_steps(llm, tokens, n_predict):
+    """Steps of one generation from an empty cache: the first evaluates the prompt and
+    samples the first token, each later one decodes one token."""
     llm.reset()
     llm._ctx.kv_cache_clear()
     gen = llm.generate(tokens, temp=0.0)
-    t0 = time.perf_counter()
-    next(gen)
-    t1 = time.perf_counter()
-    for _ in range(n_predict):
-        next(gen)
-    t2 = time.perf_counter()
-    gen.close()
-    return (t1 - t0) * 1e3, n_predict / (t2 - t1)
+    try:
+        for _ in range(n_predict + 1):
+            next(gen)
+            yield
+    finally:
+        gen.close()
 
 
-def vlm_run(llm, messages, n_predict) -> tuple[float, float]:
-    """(prompt ms incl. the image and the first token, decode tokens/s) via the chat handler."""
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    with suppress_stdout_stderr(disable=False):
-        t0 = time.perf_counter()  # the handler evaluates the prompt before streaming
-        stream = llm.create_chat_completion(
-            messages, max_tokens=n_predict + 1, temperature=0, stream=True
-        )
-        t1, n = None, 0
-        for chunk in stream:
-            if chunk["choices"][0]["delta"].get("content") is None:
-                continue
-            if t1 is None:
-                t1 = time.perf_counter()
-            else:
-                n += 1
-        t2 = time.perf_counter()
-    return (t1 - t0) * 1e3, n / max(t2 - t1, 1e-9)
+def vlm_steps(llm, messages, n_predict):
+    """Steps of one chat answer: the first evaluates the image and the prompt (the handler
+    does that before streaming) up to the first token, each later one is one token."""
+    stream = llm.create_chat_completion(
+        messages, max_tokens=n_predict + 1, temperature=0, stream=True
+    )
+    for chunk in stream:
+        if chunk["choices"][0]["delta"].get("content") is not None:
+            yield
 
 
-def compare(run, make_plain, make_steered, reps: int, runs: int, title: str) -> int:
-    """Per rep: a fresh pair of models, ``run(llm)`` ``runs`` times each; print ratios."""
+def _measure(steps, make_plain, make_steered, reps: int, runs: int):
+    """{name: [(prompt ms, decode tokens/s) per rep]}, kq nodes the steered models edited."""
     res = {"plain": [], "steered": []}
     edited = 0
     for r in range(reps):
         names = ["plain", "steered"] if r % 2 == 0 else ["steered", "plain"]
         llms = {n: (make_plain if n == "plain" else make_steered)() for n in names}
         for n in names:
-            run(llms[n])  # warm-up
+            for _ in steps(llms[n]):  # warm-up
+                pass
+        prompt = {n: [] for n in names}
+        token = {n: [] for n in names}
+        for run in range(runs):
+            its = {n: steps(llms[n]) for n in names}
+            for i in itertools.count():
+                # who goes first alternates, step by step and run by run
+                order = names if (i + run) % 2 == 0 else names[::-1]
+                dt = {}
+                for n in order:
+                    t0 = time.perf_counter()
+                    if next(its[n], StopIteration) is StopIteration:
+                        break
+                    dt[n] = time.perf_counter() - t0
+                if len(dt) < 2:  # one answer ended (steered text differs): stop both
+                    break
+                for n in names:
+                    (prompt if i == 0 else token)[n].append(dt[n])
+            for it in its.values():
+                it.close()
         for n in names:
-            best = [run(llms[n]) for _ in range(runs)]
-            # prompt: fewest ms; decode: most tokens/s
-            res[n].append((min(b[0] for b in best), max(b[1] for b in best)))
+            # prompt: the fastest run (drops pre-emption spikes); decode: the median token
+            res[n].append((min(prompt[n]) * 1e3, 1.0 / statistics.median(token[n])))
         edited += llms["steered"].steering.stats().n_kq_edited
         for llm in llms.values():
             llm.close()
+    return res, edited
+
+
+def compare(steps, make_plain, make_steered, reps, runs, title, quiet=contextlib.nullcontext):
+    """Per rep: a fresh pair of models; ``runs`` generations each, the two advanced in turn
+    one step at a time (so both see the same machine state); print ratios."""
+    with quiet():
+        res, edited = _measure(steps, make_plain, make_steered, reps, runs)
     if edited == 0:
         print("error: the steered model edited nothing", file=sys.stderr)
         return 1
@@ -175,8 +195,10 @@ def main(argv=None) -> int:
                 st = Steering(heads=heads, roi=roi, mode="redirect", strength=4.0)
             return Llama(model_path=path, chat_handler=handler(), steering=st, **common)
 
+        from llama_cpp._utils import suppress_stdout_stderr
+
         return compare(
-            lambda llm: vlm_run(llm, msgs, args.n_predict),
+            lambda llm: vlm_steps(llm, msgs, args.n_predict),
             lambda: llama_cpp.Llama(model_path=path, chat_handler=handler(), **common),
             steered,
             args.reps,
@@ -184,6 +206,7 @@ def main(argv=None) -> int:
             f"model: {os.path.basename(path)} (embedded VLM), a 2x3 strip "
             f"+ question, up to {args.n_predict} tokens, "
             + (f"headmap={args.headmap}" if args.headmap else f"heads={args.heads}"),
+            quiet=lambda: suppress_stdout_stderr(disable=False),  # mtmd prints per image
         )
     path = args.model or default_model()
     probe = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
@@ -201,7 +224,7 @@ def main(argv=None) -> int:
         return Llama(model_path=path, steering=st, **common)
 
     return compare(
-        lambda llm: text_run(llm, tokens, args.n_predict),
+        lambda llm: text_steps(llm, tokens, args.n_predict),
         lambda: llama_cpp.Llama(model_path=path, **common),
         steered,
         args.reps,
