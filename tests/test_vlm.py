@@ -168,6 +168,33 @@ def test_retarget_while_streaming(vlm):
     assert np.all(first[p1] == 4.0) and np.all(last[p5] == 4.0) and np.all(last[p1] == -4.0)
 
 
+def test_an_abandoned_stream_does_not_steer_the_next_prompt(vlm):
+    """A stream left unfinished (not closed: the caller broke out of its loop and kept it)
+    must not make the next request's prompt count as decode steps: with decode_only the
+    prompt stays unedited and the answer is the one a fresh model gives. When the old
+    stream is finally closed, during the new answer, the new answer stays steered."""
+
+    def make():
+        return Steering(
+            heads="all", roi=Panel(2, grid=(2, 3)), mode="redirect", strength=4.0, decode_only=True
+        )
+
+    m = [msg([comics.render(comics.make_strip(43, "2x3"))], "Describe the strip.")]
+    llm = vlm(make())
+    old = llm.create_chat_completion(m, max_tokens=20, temperature=0, stream=True)
+    for _ in range(4):
+        next(old)  # abandoned mid-generation, still referenced
+    new = llm.create_chat_completion(m, max_tokens=12, temperature=0, stream=True)
+    text = [next(new)["choices"][0]["delta"].get("content") or ""]
+    old.close()  # the abandoned generator ends while the new one runs
+    text += [c["choices"][0]["delta"].get("content") or "" for c in new]
+    n_prompt = llm.images[0].first_pos + llm.images[0].n_pos
+    assert set(llm._steer_cell_key[:n_prompt]) == {0}  # the prompt: unedited (prefill)
+    assert set(llm._steer_cell_key[-5:]) != {0}  # the last answer tokens: steered
+    fresh = vlm(make()).create_chat_completion(m, max_tokens=12, temperature=0)
+    assert "".join(text) == fresh["choices"][0]["message"]["content"]
+
+
 def test_scores_equal_numpy_on_full_attention_rows(vlm):
     """The scorer's per-panel sums equal NumPy sums over full attention rows (each cell its
     own observer region), and the shared prefix equals six full prefills."""

@@ -257,6 +257,7 @@ class Llama(llama_cpp.Llama):
             self._steer_seq_memo: tuple | None = None
             self._steer_mem = _lc.llama_get_memory(self._ctx.ctx)  # fixed for the context
             self._steer_generating = False
+            self._steer_n_generations = 0  # which generate() is the live one (see generate)
             self._steer_fresh_layout = False
             self._steer_calibrate()
             handler = given.get("chat_handler")
@@ -390,6 +391,11 @@ class Llama(llama_cpp.Llama):
             images.append(ImageSpan(len(images) + 1, grid, cells, len(tokens), n_pos, px))
             tokens.extend([0] * n_pos)
             cells += n_tok
+        # a new prompt: any earlier generation is over, even one whose stream was abandoned
+        # and not yet collected (its chunks must be evaluated as prefill, not decode steps)
+        self._steer_generating = False
+        self._steer_n_generations += 1
+        self._steer_next_phase = _native.PHASE_PREFILL
         self._steer_images = images
         self._steer_cell_key = []
         self._steer_hook.stats(reset=True)  # this prompt's chunks count in the generation
@@ -460,10 +466,15 @@ class Llama(llama_cpp.Llama):
         self._steer_fresh_layout = False
         self._steer_next_phase = _native.PHASE_PREFILL
         self._steer_generating = True
+        self._steer_n_generations += 1
+        me = self._steer_n_generations
         try:
             return (yield from super().generate(tokens, *args, **kwargs))
         finally:
-            self._steer_generating = False
+            # a stream the caller abandoned is closed whenever it is collected, maybe during
+            # a later generation: only the live one may end the generating state
+            if self._steer_n_generations == me:
+                self._steer_generating = False
 
     def eval(self, tokens: Sequence[int]):
         hook = self._steer_hook
