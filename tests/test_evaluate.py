@@ -12,6 +12,7 @@ from llama_steer.evaluate import (
     _pope_scores,
     caption_judge,
     head_sets,
+    judge_schedule,
     objects_in,
     pope_questions,
     well_formed,
@@ -55,6 +56,21 @@ def test_derangements_move_every_panel():
     for _ in range(50):
         p = _derangement(rng)
         assert sorted(p) == [1, 2, 3, 4, 5, 6] and all(p[i] != i + 1 for i in range(6))
+
+
+def test_schedule_judge_ranks_only_objects_the_strip_holds():
+    """Two-token segments: panel 2, then 1, then 3. The narration names panel 2's object,
+    then one the strip does not hold, then panel 3's: segment 2 is a miss, and the
+    unknown object gets no rank (as panel 0 it would have broken a perfect ordering)."""
+    panels = {"a red circle": 1, "a blue square": 2, "a green star": 3}
+    pieces = ["a blue square,", " then", " a black cross,", " then", " a green star", "."]
+    targets = [2, 2, 1, 1, 3, 3]
+    hits, described = judge_schedule(pieces, targets, [2, 1, 3], panels, every=2)
+    assert hits == [1.0, 0.0, 1.0]
+    assert described == [(2, 2), (3, 3)]
+    # the lag allowance: an object finished up to 3 tokens into the next segment counts
+    hits, _ = judge_schedule(["a", " red", " circle", "."], [1, 1, 2, 2], [1, 2], panels, 2)
+    assert hits[0] == 1.0
 
 
 def test_scene_object_counts_and_lists():

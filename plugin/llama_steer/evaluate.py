@@ -81,6 +81,38 @@ def caption_judge(answer: str, captions: list[str]) -> int:
     return best
 
 
+def panel_of(desc) -> dict[str, int]:
+    """{object name: its 1-based panel} of a strip."""
+    return {p.thing.name: p.index for p in desc.panels}
+
+
+def judge_schedule(pieces, targets, order, panels: dict, every: int):
+    """Judge one dynamic narration. pieces: the generated text, one string per token;
+    targets: the panel steered to at each token; order: the schedule (panel per segment of
+    ``every`` tokens); panels: {object name: panel}.
+
+    Returns (per-segment hits: 1.0 when a segment names its scheduled panel's object,
+    allowing 3 tokens of lag; segments naming nothing are not judged, and (target at the
+    token an object's name ends, that object's panel) for every named object the strip
+    holds. An object the strip does not hold describes no panel: it is a miss of its
+    segment but gets no rank in the correlation (as "panel 0" it would rank below panel 1).
+    """
+    said, pos = "", []
+    for t, piece in enumerate(pieces):
+        said += piece
+        found = objects_in(said)
+        while len(pos) < len(found):
+            pos.append((t, found[len(pos)]))
+    hits = []
+    for seg, want in enumerate(order):
+        lo, hi = seg * every, (seg + 1) * every
+        names = [panels.get(nm, 0) for t, nm in pos if lo <= t < hi + 3]
+        if names:
+            hits.append(float(want in names))
+    described = [(targets[t], panels[name]) for t, name in pos if name in panels]
+    return hits, described
+
+
 def head_sets(spec: str, headmap, seed: int = 0) -> dict:
     """{"top:10": [(l, h), ...], "random:10": ..., "bottom:10": ..., "all": "all"}."""
     out = {}
@@ -237,20 +269,8 @@ class Evaluator:
                     n += 1
                     if n % every == 0 and n // every < 6:
                         self.steer.retarget(f"panel:{order[n // every]}@{rows}x{cols}")
-            # which panel each named object belongs to, at the token where it ends
-            said, pos = "", []
-            for t, piece in enumerate(text):
-                said += piece
-                found = objects_in(said)
-                while len(pos) < len(found):
-                    pos.append((t, found[len(pos)]))
-            panel_of = {p.thing.name: p.index for p in desc.panels}
-            described = [(targets[t], panel_of.get(name, 0)) for t, name in pos]
-            for seg in range(6):
-                lo, hi = seg * every, (seg + 1) * every
-                names = [panel_of.get(nm, 0) for t, nm in pos if lo <= t < hi + 3]
-                if names:
-                    seg_ok.append(float(order[seg] in names))
+            hits, described = judge_schedule(text, targets, order, panel_of(desc), every)
+            seg_ok.extend(hits)
             if len(described) >= 2:
                 r = spearman([a for a, _ in described], [b for _, b in described])
                 if np.isfinite(r):
