@@ -69,9 +69,12 @@ def vlm_steps(llm, messages, n_predict):
     stream = llm.create_chat_completion(
         messages, max_tokens=n_predict + 1, temperature=0, stream=True
     )
-    for chunk in stream:
-        if chunk["choices"][0]["delta"].get("content") is not None:
-            yield
+    try:
+        for chunk in stream:
+            if chunk["choices"][0]["delta"].get("content") is not None:
+                yield
+    finally:
+        stream.close()  # an answer cut short ends now, not when collected
 
 
 def _measure(steps, make_plain, make_steered, reps: int, runs: int):
