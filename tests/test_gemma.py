@@ -94,6 +94,16 @@ def test_decode_only_reuses_the_clean_prompt_and_matches_a_fresh_model(make_llm)
     assert got == ref
 
 
+def test_an_eval_after_a_generation_is_prefill(make_llm):
+    """Within generate() every eval after the prompt is a decode step; an eval() the caller
+    makes after the generation ended is prefill again (unedited under decode_only)."""
+    llm = make_llm(Steering(heads="all", roi=MARY, strength=-10.0, decode_only=True))
+    complete(llm, n=4)
+    assert llm._steer_cell_key[-1] != 0  # the answer's cells: decode steps, steered
+    llm.eval(llm.tokenize(b" Yes", add_bos=False))
+    assert llm._steer_cell_key[-1] == 0
+
+
 def test_prefix_reuse_keeps_cells_right(make_llm):
     """A longer prompt reuses the cached prefix; the ROI's cells must be where a fresh model
     puts them, so the steered continuation is the same token for token."""

@@ -475,6 +475,7 @@ class Llama(llama_cpp.Llama):
             # a later generation: only the live one may end the generating state
             if self._steer_n_generations == me:
                 self._steer_generating = False
+                self._steer_next_phase = _native.PHASE_PREFILL  # a later eval() is prefill
 
     def eval(self, tokens: Sequence[int]):
         hook = self._steer_hook
