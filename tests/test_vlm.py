@@ -195,6 +195,23 @@ def test_an_abandoned_stream_does_not_steer_the_next_prompt(vlm):
     assert "".join(text) == fresh["choices"][0]["message"]["content"]
 
 
+def test_a_repeated_chat_prompt_is_resolved_once(vlm, monkeypatch):
+    """llama-cpp-python leaves stale token ids at image positions (never written: the image
+    is evaluated by mtmd); they must not make a repeated prompt look new, which would
+    resolve the ROI, its content focus and the bias again on every request."""
+    llm = vlm(Steering(roi=Panel(2, grid=(2, 3)), mode="redirect", strength=4.0, focus="content"))
+    m = [msg([comics.render(comics.make_strip(44, "2x3"))], "Describe the strip.")]
+    llm.create_chat_completion(m, max_tokens=2, temperature=0)
+    llm.input_ids[:] = 7  # stale ids wherever the next prompt does not write
+    calls = []
+    compute = Steering._compute_bias
+    monkeypatch.setattr(
+        Steering, "_compute_bias", lambda self, seq: calls.append(1) or compute(self, seq)
+    )
+    llm.create_chat_completion(m, max_tokens=2, temperature=0)
+    assert calls == []
+
+
 def test_scores_equal_numpy_on_full_attention_rows(vlm):
     """The scorer's per-panel sums equal NumPy sums over full attention rows (each cell its
     own observer region), and the shared prefix equals six full prefills."""
