@@ -7,11 +7,13 @@
 
 Both models live in one process. Each rep loads a fresh unsteered and a fresh steered model
 (order alternating; the weights are mmapped once, so this is cheap), warms both up, and runs
---runs generations on each, the two advanced in turn one step (the prompt, then one token) at a
-time, so drift of the machine (other load, frequency) hits both alike. Per rep: the fastest
+--runs generations on each, one model at a time as in real use, who goes first alternating run
+by run, so drift of the machine (other load, frequency) hits both alike. Per rep: the fastest
 prompt and the median token time of each. Fresh pairs matter: two identical contexts created
 once can differ by 2-3% for the life of the process (memory placement), more than the effect
-measured. "steered" hooks every layer (all heads, or the first N heads of each layer with
+measured. (Advancing the two models in turn token by token cancels drift better but leaves
+every step cold in cache, which taxes the steered model's extra work more than real use
+does.) "steered" hooks every layer (all heads, or the first N heads of each layer with
 --heads N) with a real, non-zero bias, in prefill and decode: the worst case. With --headmap
 it steers as `llama-steer --headmap` does by default (the headmap's top-k heads, mode,
 strength, decode-only and focus), the configuration users run. Prints the ratio of the
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import statistics
 import sys
@@ -90,22 +91,14 @@ def _measure(steps, make_plain, make_steered, reps: int, runs: int):
         prompt = {n: [] for n in names}
         token = {n: [] for n in names}
         for run in range(runs):
-            its = {n: steps(llms[n]) for n in names}
-            for i in itertools.count():
-                # who goes first alternates, step by step and run by run
-                order = names if (i + run) % 2 == 0 else names[::-1]
-                dt = {}
-                for n in order:
-                    t0 = time.perf_counter()
-                    if next(its[n], StopIteration) is StopIteration:
-                        break
-                    dt[n] = time.perf_counter() - t0
-                if len(dt) < 2:  # one answer ended (steered text differs): stop both
-                    break
-                for n in names:
-                    (prompt if i == 0 else token)[n].append(dt[n])
-            for it in its.values():
-                it.close()
+            # whole generations, one model at a time as in real use, who goes first
+            # alternating run by run: drift between the two is at most one generation long
+            for n in names if run % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                for i, _ in enumerate(steps(llms[n])):
+                    t1 = time.perf_counter()
+                    (prompt if i == 0 else token)[n].append(t1 - t0)
+                    t0 = t1
         for n in names:
             # prompt: the fastest run (drops pre-emption spikes); decode: the median token
             res[n].append((min(prompt[n]) * 1e3, 1.0 / statistics.median(token[n])))
