@@ -41,6 +41,11 @@ __all__ = ["Llama"]
 
 _DECODE = _native.PHASE_DECODE
 
+
+def _no_gen() -> None:
+    return None  # stands for a dead weak reference: no generation
+
+
 # V cache types llama.cpp supports without flash attention (f32, f16, bf16)
 _PLAIN_V_TYPES = {0, 1, 30}
 _params_lock = threading.Lock()
@@ -163,7 +168,7 @@ class _MtmdWatch:
     ):
         llm = self._llm
         start = int(getattr(n_past, "value", n_past))
-        phase = llm._steer_next_phase
+        phase = llm._steer_eval_phase  # prompt chunks: never inside a generation
         llm._steer_hook.begin_eval(phase)
         try:
             rc = self._m.mtmd_helper_eval_chunk_single(
@@ -249,15 +254,19 @@ class Llama(llama_cpp.Llama):
                 from llama_steer import _cuda
 
                 self._steer_cuda = _cuda.attach(hook, device=given.get("main_gpu", 0))
+            # phases: evals inside a generation (the live generator runs them) are its prompt,
+            # then decode steps; any other eval is prefill (attention_to re-evaluates a token
+            # in the phase it was made in through _steer_eval_phase)
+            self._steer_gen = _no_gen  # weak ref to the generator of the last generate()
+            self._steer_gen_seq: Seq | None = None  # its prompt, for an update() before it runs
             self._steer_next_phase = _native.PHASE_PREFILL
+            self._steer_eval_phase = _native.PHASE_PREFILL
             self._steer_last_phase = _native.PHASE_PREFILL
             self._steer_cell_key: list[int] = []  # per position: key of the edit its KV had
             self._steer_images: list[ImageSpan] = []
             self._steer_piece_memo: dict[int, bytes] = {}
             self._steer_seq_memo: tuple | None = None
             self._steer_mem = _lc.llama_get_memory(self._ctx.ctx)  # fixed for the context
-            self._steer_generating = False
-            self._steer_n_generations = 0  # which generate() is the live one (see generate)
             self._steer_fresh_layout = False
             self._steer_calibrate()
             handler = given.get("chat_handler")
@@ -396,11 +405,8 @@ class Llama(llama_cpp.Llama):
             images.append(ImageSpan(len(images) + 1, grid, cells, len(tokens), n_pos, px))
             tokens.extend([0] * n_pos)
             cells += n_tok
-        # a new prompt: any earlier generation is over, even one whose stream was abandoned
-        # and not yet collected (its chunks must be evaluated as prefill, not decode steps)
-        self._steer_generating = False
-        self._steer_n_generations += 1
-        self._steer_next_phase = _native.PHASE_PREFILL
+        # a new prompt: any earlier generation is over, even a stream left unfinished
+        self._steer_gen = _no_gen
         self._steer_images = images
         self._steer_cell_key = []
         self._steer_hook.stats(reset=True)  # this prompt's chunks count in the generation
@@ -453,9 +459,11 @@ class Llama(llama_cpp.Llama):
 
     # -- the parent's hot paths -------------------------------------------------------------
     def generate(self, tokens: Sequence[int], *args, **kwargs):
+        """The parent's generator, unwrapped (nothing runs per token in Python here); with
+        steering, this prompt's config is published and stale cells dropped first."""
         st = self._steering
         if st is None:
-            return (yield from super().generate(tokens, *args, **kwargs))
+            return super().generate(tokens, *args, **kwargs)
         tokens = list(tokens)
         # images stay addressable while the prompt still holds them where they were
         same = 0
@@ -464,23 +472,30 @@ class Llama(llama_cpp.Llama):
                 break
             same += 1
         self._steer_images = [im for im in self._steer_images if im.first_pos + im.n_pos <= same]
-        st._publish(self._steer_seq_for(tokens, self._steer_images))
+        seq = self._steer_seq_for(tokens, self._steer_images)
+        st._publish(seq)
         self._steer_invalidate_stale()
         if not self._steer_fresh_layout:
             self._steer_hook.stats(reset=True)
         self._steer_fresh_layout = False
         self._steer_next_phase = _native.PHASE_PREFILL
-        self._steer_generating = True
-        self._steer_n_generations += 1
-        me = self._steer_n_generations
-        try:
-            return (yield from super().generate(tokens, *args, **kwargs))
-        finally:
-            # a stream the caller abandoned is closed whenever it is collected, maybe during
-            # a later generation: only the live one may end the generating state
-            if self._steer_n_generations == me:
-                self._steer_generating = False
-                self._steer_next_phase = _native.PHASE_PREFILL  # a later eval() is prefill
+        gen = super().generate(tokens, *args, **kwargs)  # a generator: runs at its first next()
+        # weak: the generator's frame holds this model (a cycle would outlive `del llm`)
+        self._steer_gen, self._steer_gen_seq = weakref.ref(gen), seq
+        return gen
+
+    def _steer_republish(self) -> None:
+        """A Steering.update(): publish now if a generation is under way (against the tokens
+        evaluated so far) or made and not started (against its prompt, whose stale cells go
+        again); otherwise the next prompt publishes."""
+        gen = self._steer_gen()
+        if gen is None or gen.gi_frame is None:  # none, finished or closed
+            return
+        if inspect.getgeneratorstate(gen) == inspect.GEN_CREATED:
+            self._steering._publish(self._steer_gen_seq)
+            self._steer_invalidate_stale()
+        else:
+            self._steering._publish()
 
     def eval(self, tokens: Sequence[int]):
         hook = self._steer_hook
@@ -493,7 +508,9 @@ class Llama(llama_cpp.Llama):
             st._publish(self._steer_seq_for(seq, self._steer_images))
         # runs once per generated token: kept inline (each call and lookup here costs
         # microseconds, cold, between decode steps that evict it from cache)
-        phase = self._steer_next_phase
+        gen = self._steer_gen()
+        in_generation = gen is not None and gen.gi_running  # called from the live generator
+        phase = self._steer_next_phase if in_generation else self._steer_eval_phase
         hook.begin_eval(phase)
         try:
             super().eval(tokens)
@@ -509,7 +526,7 @@ class Llama(llama_cpp.Llama):
             self._steer_record(n_past, self.n_tokens, after.eval_key)
         # within generate(), the prompt is the first eval and every later one a decode step;
         # any other eval (a chat handler's prompt chunks, a user's eval) is prefill
-        if self._steer_generating:
+        if in_generation:
             self._steer_next_phase = _DECODE
             if phase == _DECODE:
                 # nothing between two steps of generate() moves the cache, so the layout check
@@ -541,8 +558,11 @@ class Llama(llama_cpp.Llama):
             # the last token again, in the phase it was made in: same cell, same K/V
             self.n_tokens -= 1
             self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
-            self._steer_next_phase = phase
-            self.eval([last])
+            self._steer_eval_phase = phase
+            try:
+                self.eval([last])
+            finally:
+                self._steer_eval_phase = _native.PHASE_PREFILL
 
         with st._observing(region, 1, _native.ROWS_LAST, edit=steered):
             re_eval()

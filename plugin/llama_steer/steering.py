@@ -181,9 +181,9 @@ class Steering:
             new.update(changes)
             old = self._cfg
             self._validate_and_set(new)
-            if self._llm is not None and self._llm._steer_generating:
+            if self._llm is not None:
                 try:
-                    self._publish()
+                    self._llm._steer_republish()
                 except Exception:
                     self._cfg = old
                     raise
