@@ -109,8 +109,8 @@ def _measure(steps, make_plain, make_steered, reps: int, runs: int):
 
 
 def compare(steps, make_plain, make_steered, reps, runs, title, quiet=contextlib.nullcontext):
-    """Per rep: a fresh pair of models; ``runs`` generations each, the two advanced in turn
-    one step at a time (so both see the same machine state); print ratios."""
+    """Per rep: a fresh pair of models; ``runs`` whole generations each, alternating between
+    the two (see _measure); print ratios."""
     with quiet():
         res, edited = _measure(steps, make_plain, make_steered, reps, runs)
     if edited == 0:

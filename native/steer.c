@@ -215,8 +215,9 @@ int steer_hook_begin_eval(steer_hook *h, int32_t phase) {
     h->pinned = pin(h);
     h->phase = phase;
     const steer_cfg *c = &h->slot[h->pinned];
+    h->eval_edits = c->edits && (c->phases & phase);
     h->stats.n_kq_edited_eval = 0;
-    h->stats.eval_key = (c->edits && (c->phases & phase)) ? c->key : 0;
+    h->stats.eval_key = h->eval_edits ? c->key : 0;
     h->asked_at_begin = h->stats.n_asked;
     return STEER_OK;
 }
@@ -224,12 +225,12 @@ int steer_hook_begin_eval(steer_hook *h, int32_t phase) {
 int steer_hook_end_eval(steer_hook *h, steer_stats *out) {
     if (!h) return STEER_E_ARG;
     if (h->pinned >= 0) {
-        const steer_cfg *c = &h->slot[h->pinned];
-        if (c->edits && (c->phases & h->phase) && h->stats.n_kq_edited_eval == 0 &&
+        if (h->eval_edits && h->stats.n_kq_edited_eval == 0 &&
             h->stats.n_asked > h->asked_at_begin)
             h->stats.flags |= STEER_F_NOT_HOOKED;
         unpin(h, h->pinned);
     }
+    h->eval_edits = 0;
     h->pinned = -1;
     h->phase = 0;
     if (out) *out = h->stats;

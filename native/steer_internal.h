@@ -47,6 +47,7 @@ struct steer_hook {
     /* eval-thread state */
     int pinned; /* slot pinned by begin_eval, or -1 */
     int32_t phase;
+    int eval_edits;          /* the config pinned by begin_eval edits in its phase */
     uint64_t asked_at_begin; /* stats.n_asked at begin_eval: did a graph run since? */
     float *scale; /* [n_layer] softmax scale per layer (0 = unknown) */
     float *obs;   /* [n_layer * n_head * n_regions] */
