@@ -32,8 +32,6 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-import llama_cpp  # noqa: E402
-
 from llama_steer import Llama, Panel, Steering, Tokens, comics  # noqa: E402
 
 PROMPT = (
@@ -195,7 +193,7 @@ def main(argv=None) -> int:
 
         return compare(
             lambda llm: vlm_steps(llm, msgs, args.n_predict),
-            lambda: llama_cpp.Llama(model_path=path, chat_handler=handler(), **common),
+            lambda: Llama(model_path=path, chat_handler=handler(), **common),
             steered,
             args.reps,
             args.runs,
@@ -205,7 +203,7 @@ def main(argv=None) -> int:
             quiet=lambda: suppress_stdout_stderr(disable=False),  # mtmd prints per image
         )
     path = args.model or default_model()
-    probe = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    probe = Llama(model_path=path, vocab_only=True, verbose=False)
     tokens = probe.tokenize(PROMPT.encode())
     probe.close()
     heads = _heads(args, path)
@@ -221,7 +219,7 @@ def main(argv=None) -> int:
 
     return compare(
         lambda llm: text_steps(llm, tokens, args.n_predict),
-        lambda: llama_cpp.Llama(model_path=path, **common),
+        lambda: Llama(model_path=path, **common),
         steered,
         args.reps,
         args.runs,

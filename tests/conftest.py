@@ -30,7 +30,7 @@ def gemma_path():
 @pytest.fixture
 def make_llm(gemma_path):
     """make_llm(steering=None, **llama_kwargs) -> a model closed at teardown."""
-    from llama_steer import Llama
+    from llama_steer import Llama, guarded_load
 
     made = []
 
@@ -40,7 +40,8 @@ def make_llm(gemma_path):
         kw.setdefault("verbose", False)
         kw.setdefault("seed", 1)
         if cls is not None:
-            llm = cls(model_path=gemma_path, **kw)
+            with guarded_load():  # a plain reference loads as llama-steer does (AMX guard)
+                llm = cls(model_path=gemma_path, **kw)
         else:
             llm = Llama(model_path=gemma_path, steering=steering, **kw)
         made.append(llm)

@@ -10,21 +10,22 @@ import numpy as np
 import pytest
 from llama_cpp.llama_chat_format import MTMDChatHandler
 
-from llama_steer import comics
+from llama_steer import comics, guarded_load
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
 def llm(organism):
-    m = llama_cpp.Llama(
-        model_path=organism[0],
-        n_ctx=1024,
-        n_threads=2,
-        n_threads_batch=2,
-        verbose=False,
-        chat_handler=MTMDChatHandler(clip_model_path=organism[1], verbose=False),
-    )
+    with guarded_load():
+        m = llama_cpp.Llama(
+            model_path=organism[0],
+            n_ctx=1024,
+            n_threads=2,
+            n_threads_batch=2,
+            verbose=False,
+            chat_handler=MTMDChatHandler(clip_model_path=organism[1], verbose=False),
+        )
     yield m
     m.close()
 

@@ -5,6 +5,7 @@
                          stats, scales and observer sums; context manager, close() twice is safe
     ggml_probe() ....... a real ggml tensor made by the loaded libggml, for the ABI check
     callback_address ... address of ``steer_cb_eval`` for llama_context_params.cb_eval
+    cpu_extra_buffer_types()  names of the CPU backend's extra buffer types (AMX, repack)
 
 Return codes are checked here and nowhere else.
 """
@@ -161,6 +162,38 @@ def _ggml():
                 "buffer_is_host": addr("ggml_backend_buffer_is_host"),
             }
         return _ggml_fns
+
+
+_GGML_DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type
+
+
+def cpu_extra_buffer_types() -> list[str]:
+    """Names of the extra buffer types the loaded ggml CPU backend offers for model weights
+    (e.g. ``["AMX", "CPU_REPACK"]``): what ``llama_model_params.use_extra_bufts`` turns on.
+    Asks ggml exactly as llama.cpp's model loader does (the CPU registry's
+    ``ggml_backend_dev_get_extra_bufts``); [] when the backend offers none."""
+    L = _ggml()["lib"]
+    vp = ctypes.c_void_p
+    L.ggml_backend_dev_by_type.argtypes, L.ggml_backend_dev_by_type.restype = [ctypes.c_int], vp
+    L.ggml_backend_dev_backend_reg.argtypes, L.ggml_backend_dev_backend_reg.restype = [vp], vp
+    fn = L.ggml_backend_reg_get_proc_address
+    fn.argtypes, fn.restype = [vp, ctypes.c_char_p], vp
+    L.ggml_backend_buft_name.argtypes = [vp]
+    L.ggml_backend_buft_name.restype = ctypes.c_char_p
+    dev = L.ggml_backend_dev_by_type(_GGML_DEVICE_TYPE_CPU)
+    if not dev:
+        return []
+    addr = fn(L.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    if not addr:
+        return []
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(addr)
+    arr = get(dev)
+    names = []
+    i = 0
+    while arr and arr[i]:
+        names.append(L.ggml_backend_buft_name(arr[i]).decode("utf-8", "replace"))
+        i += 1
+    return names
 
 
 class Hook:

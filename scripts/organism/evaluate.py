@@ -31,16 +31,19 @@ def load(model: Path, mmproj: Path, threads: int):
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
+    from llama_steer import guarded_load
+
     handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
-    llm = Llama(
-        model_path=str(model),
-        chat_handler=handler,
-        n_ctx=1024,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-        seed=0,
-    )
+    with guarded_load():  # the AMX guard, as llama-steer's own models load
+        llm = Llama(
+            model_path=str(model),
+            chat_handler=handler,
+            n_ctx=1024,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+            seed=0,
+        )
     return llm, handler
 
 
