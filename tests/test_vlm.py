@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from llama_steer import ImageTokens, Llama, Panel, Steering, SteeringError, comics
+from llama_steer import (
+    ImageTokens,
+    Llama,
+    Panel,
+    Steering,
+    SteeringError,
+    comics,
+    guarded_load,
+)
 from llama_steer.cli import user_message
 from llama_steer.score import StripPrompter, score_strip
 
@@ -35,7 +43,8 @@ def vlm(organism):
         kw = dict(n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kw)
         if cls is Llama:
             kw["steering"] = steering
-        llm = cls(model_path=organism[0], chat_handler=handler, **kw)
+        with guarded_load():  # plain references load as llama-steer does (AMX guard)
+            llm = cls(model_path=organism[0], chat_handler=handler, **kw)
         made.append(llm)
         return llm
 

@@ -23,7 +23,6 @@ import atexit
 import contextlib
 import ctypes
 import inspect
-import threading
 import weakref
 from collections.abc import Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from llama_steer import _native
 from llama_steer._errors import SteeringError
+from llama_steer._load import PARAMS_LOCK, guarded_load
 from llama_steer.roi import Seq, resolve
 from llama_steer.steering import Steering
 from llama_steer.vision import Geometry, GeometryError, ImageGrid, ImageSpan
@@ -48,7 +48,6 @@ def _no_gen() -> None:
 
 # V cache types llama.cpp supports without flash attention (f32, f16, bf16)
 _PLAIN_V_TYPES = {0, 1, 30}
-_params_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -64,7 +63,7 @@ def _cb_eval_in_default_params(hook: _native.Hook):
         p.cb_eval_user_data = hook.handle_address
         return p
 
-    with _params_lock:
+    with PARAMS_LOCK:
         _lc.llama_context_default_params = with_callback
         try:
             yield cb
@@ -94,10 +93,14 @@ class _MtmdWatch:
         self._m = module
         self._llm = weakref.proxy(llm)  # the model owns its handler: no cycle (see Steering)
         self._recent: list[np.ndarray] = []  # pixels of the last prompts' images (see _pixels)
+        self._unmapped = ""  # why pixel ROIs are unavailable, when they are
         try:
             self._geometry: Geometry | None = Geometry.from_mmproj(mmproj)
-        except (GeometryError, OSError, KeyError, ValueError):
-            self._geometry = None  # token ranges still work; pixel ROIs will say why not
+        except GeometryError as e:
+            self._geometry, self._unmapped = None, str(e)  # token ranges still work
+        except (OSError, KeyError, ValueError) as e:
+            self._geometry = None
+            self._unmapped = f"the mmproj's resize rule could not be read ({e})"
 
     def __getattr__(self, name):
         return getattr(self._m, name)
@@ -159,8 +162,18 @@ class _MtmdWatch:
                 return g
         # the resize rule is unknown or disagrees with mtmd: keep mtmd's grid, and mark the
         # pixel mapping unusable (align 0) so box/panel ROIs refuse instead of guessing
+        why = self._unmapped or (
+            f"llama-steer predicted another token grid for this {w}x{h} image than mtmd "
+            f"made ({nx}x{ny}), so pixel ROIs would guess: use image-token ranges"
+        )
         return ImageGrid(
-            width=max(w, 1), height=max(h, 1), nx=nx, ny=ny, align=0, content=(0, 0, 0, 0)
+            width=max(w, 1),
+            height=max(h, 1),
+            nx=nx,
+            ny=ny,
+            align=0,
+            content=(0, 0, 0, 0),
+            unmapped=why,
         )
 
     def mtmd_helper_eval_chunk_single(
@@ -202,7 +215,8 @@ class Llama(llama_cpp.Llama):
         self._steering: Steering | None = None
         self._steer_hook: _native.Hook | None = None
         if steering is None:
-            super().__init__(*args, **kwargs)
+            with guarded_load():  # the AMX guard (_load.py): plain models too
+                super().__init__(*args, **kwargs)
             _LIVE.add(self)  # closed before the std streams go, like a steered model
             return
         if not isinstance(steering, Steering):
@@ -230,7 +244,7 @@ class Llama(llama_cpp.Llama):
         kwargs["swa_full"] = True
         hook = _native.Hook()
         try:
-            with _cb_eval_in_default_params(hook) as cb:
+            with guarded_load(), _cb_eval_in_default_params(hook) as cb:
                 super().__init__(*args, **kwargs)
             self._steer_cb = cb  # keep the function pointer object alive with the context
             if ctypes.cast(self.context_params.cb_eval, ctypes.c_void_p).value != (
@@ -294,6 +308,19 @@ class Llama(llama_cpp.Llama):
     def images(self) -> list[ImageSpan]:
         """Images of the current prompt, in order: grid, first KV cell, first position."""
         return list(getattr(self, "_steer_images", []))
+
+    def _steer_detach(self) -> None:
+        """Steering.close(): run as the plain model from now on; cells whose K/V an edit
+        touched are dropped so that prefix reuse cannot carry the steering on."""
+        self._steering = None
+        keys = getattr(self, "_steer_cell_key", [])
+        edited = next((i for i, k in enumerate(keys) if k != 0), None)
+        if edited is not None and edited < self.n_tokens and getattr(self, "_ctx", None):
+            self.n_tokens = edited
+            self._ctx.kv_cache_seq_rm(-1, edited, -1)
+            self._requires_eval = True
+        if hasattr(self, "_steer_cell_key"):
+            self._steer_cell_key = keys[: min(len(keys), self.n_tokens)]
 
     def close(self) -> None:
         """Free the model and context, then the hook. Safe to call twice."""
@@ -502,14 +529,18 @@ class Llama(llama_cpp.Llama):
         if hook is None:
             return super().eval(tokens)
         st = self._steering
+        if st is None:  # detached by Steering.close(): the plain model from here on
+            return super().eval(tokens)
         n_past = self.n_tokens
-        if st._published is None:  # eval() called directly, before any generate()
-            seq = [int(t) for t in self.input_ids[:n_past]] + [int(t) for t in tokens]
-            st._publish(self._steer_seq_for(seq, self._steer_images))
         # runs once per generated token: kept inline (each call and lookup here costs
         # microseconds, cold, between decode steps that evict it from cache)
         gen = self._steer_gen()
         in_generation = gen is not None and gen.gi_running  # called from the live generator
+        if not in_generation and (st._published is None or st._stale or n_past == 0):
+            # eval() called directly: a new prompt, or an update() since the last publish,
+            # is resolved against what this eval leaves in the cache
+            seq = [int(t) for t in self.input_ids[:n_past]] + [int(t) for t in tokens]
+            st._publish(self._steer_seq_for(seq, self._steer_images))
         phase = self._steer_next_phase if in_generation else self._steer_eval_phase
         hook.begin_eval(phase)
         try:

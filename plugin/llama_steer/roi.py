@@ -147,7 +147,11 @@ class Panel:
             raise RoiError("Panel(k, of=n) or Panel(k, grid=(rows, cols)): give exactly one")
         n = self.of if self.of is not None else self.grid[0] * self.grid[1]
         if n < 1 or (self.grid is not None and min(self.grid) < 1):
-            raise RoiError(f"panel layout {self.of or self.grid} has no panels")
+            layout = f"of={self.of}" if self.of is not None else f"grid={self.grid}"
+            raise RoiError(
+                f"panel layout {layout} has no panels: use panel:k/n with n >= 1 (a strip of "
+                "n) or panel:k@RxC with R, C >= 1"
+            )
         if not 1 <= self.k <= n:
             raise RoiError(f"panel {self.k} does not exist: panels are numbered 1..{n}")
 
@@ -408,7 +412,18 @@ def _image_tokens(t, span: ImageSpan) -> np.ndarray:
         if isinstance(t, Box):
             return g.box_tokens(t.x0, t.y0, t.x1, t.y1)
         if isinstance(t, Panel):
-            return g.box_tokens(*t.box(g.width, g.height))
+            x0, y0, x1, y1 = t.box(g.width, g.height)
+            tw, th = g.token_size
+            if x1 - x0 < tw or y1 - y0 < th:
+                # smaller panels share tokens: a "steer to panel k" could not tell k apart
+                rows, cols = t.grid if t.grid is not None else (1, t.of)
+                raise RoiError(
+                    f"panel layout {rows}x{cols} on this {g.width}x{g.height} image gives "
+                    f"panels of {x1 - x0:.1f}x{y1 - y0:.1f} px, smaller than one image token "
+                    f"({tw:.1f}x{th:.1f} px): at most {g.ny}x{g.nx} panels can be told apart; "
+                    "use a coarser layout or box: coordinates"
+                )
+            return g.box_tokens(x0, y0, x1, y1)
         if isinstance(t, Region):
             fx0, fy0, fx1, fy1 = NAMED_REGIONS[t.name]
             return g.box_tokens(fx0 * g.width, fy0 * g.height, fx1 * g.width, fy1 * g.height)
@@ -439,7 +454,10 @@ def resolve(targets: tuple, seq: Seq) -> tuple[np.ndarray, np.ndarray | None]:
             w = np.ones(c.size)
         elif isinstance(t, Saliency):
             span = seq.image(t.image)
-            toks, w = _saliency_weights(t, span)
+            try:
+                toks, w = _saliency_weights(t, span)
+            except GeometryError as e:
+                raise RoiError(str(e)) from None
             c = span.first_cell + toks
             any_weights = True
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import re
 import threading
 import weakref
@@ -45,16 +46,34 @@ if TYPE_CHECKING:
     from llama_steer.llama import Llama
 
 MODES = ("bias", "shift", "redirect", "emphasize", "image-boost")
+# the constructor's arguments: what update() takes (the config keeps derived "_" keys too)
+_ARGS = (
+    "heads",
+    "roi",
+    "mode",
+    "strength",
+    "weights",
+    "domain",
+    "decode_only",
+    "headmap",
+    "top_k",
+    "focus",
+)
 FOCUS = (None, "content")
 # biases are finite and bounded so an edited row stays finite (no all -inf row, no NaN)
 MAX_STRENGTH = 1.0e4
 
 
 def _check_strength(strength) -> float:
-    try:
-        s = float(strength)
-    except (TypeError, ValueError):
-        raise SteeringError(f"strength={strength!r} is not a number") from None
+    # a real number only: "5" or True would be read as 5.0 / 1.0 and steer by accident
+    if isinstance(strength, bool | np.bool_) or not isinstance(
+        strength, int | float | np.integer | np.floating
+    ):
+        raise SteeringError(
+            f"strength={strength!r} is not a number: pass a float in logit units, e.g. "
+            "strength=4.0 (0 turns the edit off)"
+        )
+    s = float(strength)
     if not math.isfinite(s):
         raise SteeringError(
             f"strength={strength!r} is not finite: use a finite value with "
@@ -66,6 +85,64 @@ def _check_strength(strength) -> float:
             "softmax but risk overflow: lower it"
         )
     return s
+
+
+_HEADS_HELP = (
+    "use 'all', 'layers:A-B' (every head of layers A..B), a list of (layer, head) pairs "
+    "(0-based ints), or a bool array (n_layer, n_head)"
+)
+
+
+def _check_heads(heads):
+    """The ``heads=`` argument as a value: None (not given), "all", "layers:A-B", a tuple of
+    (layer, head) int pairs, or a read-only bool array (n_layer, n_head)."""
+    if heads is None:
+        return None
+    if isinstance(heads, str):
+        if heads != "all" and not re.fullmatch(r"layers:\d+(-\d+)?", heads):
+            raise SteeringError(f"heads={heads!r}: {_HEADS_HELP}")
+        if heads != "all":
+            a, _, b = heads[7:].partition("-")
+            if int(b or a) < int(a):
+                raise SteeringError(f"heads={heads!r}: layers A-B needs A <= B")
+        return heads
+    if isinstance(heads, np.ndarray):
+        if heads.ndim != 2:
+            raise SteeringError(f"heads array has shape {heads.shape}: expected (n_layer, n_head)")
+        if heads.dtype != bool:
+            # 0/1 masks of another dtype are fine; anything else is not a selection
+            if heads.dtype.kind not in "iuf" or not np.isin(heads, (0, 1)).all():
+                raise SteeringError(
+                    f"heads array of dtype {heads.dtype} holds values other than 0 and 1: "
+                    "pass a bool mask (n_layer, n_head), True = steered"
+                )
+        mask = heads.astype(bool)  # a copy: later changes to the caller's array do not leak
+        if not mask.any():
+            raise SteeringError(
+                "heads array selects no head: steering would do nothing (use strength=0 or "
+                "close() to turn it off)"
+            )
+        mask.setflags(write=False)
+        return mask
+    try:
+        items = list(heads)
+    except TypeError:
+        raise SteeringError(f"heads={heads!r}: {_HEADS_HELP}") from None
+    pairs = []
+    for lh in items:
+        ok = isinstance(lh, list | tuple) and len(lh) == 2
+        ok = ok and all(
+            isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) for v in lh
+        )
+        if not ok:
+            raise SteeringError(f"heads: {lh!r} is not a (layer, head) pair of ints; {_HEADS_HELP}")
+        pairs.append((int(lh[0]), int(lh[1])))
+    if not pairs:
+        raise SteeringError(
+            "heads=[] selects no head: steering would do nothing (use strength=0 or close() "
+            "to turn it off)"
+        )
+    return tuple(pairs)
 
 
 class Steering:
@@ -96,7 +173,7 @@ class Steering:
 
     def __init__(
         self,
-        heads="all",
+        heads=None,
         roi=None,
         mode: str = "bias",
         strength: float = 4.0,
@@ -119,6 +196,9 @@ class Steering:
         self._phases = 0
         self._cfg: dict = {}
         self._published: tuple | None = None
+        # an update() made between generations: published lazily by the next generate(), or
+        # by the next raw eval() (llama.py), which would otherwise run the old config
+        self._stale = False
         self._observer: dict = {}  # observer part of the native config (see _observing)
         self._edit_on = True
         self._bias_memo: tuple | None = None  # (cfg, prompt key, pixels, result): see _bias
@@ -140,7 +220,9 @@ class Steering:
     # -- public -----------------------------------------------------------------------------
     @property
     def heads(self):
-        return self._cfg["heads"]
+        """The heads steered: as given by ``heads=``, else the headmap's top_k as (layer,
+        head) pairs, else "all"."""
+        return self._cfg["_heads"]
 
     @property
     def roi(self) -> tuple:
@@ -171,18 +253,25 @@ class Steering:
         >>> llm.steering.update(strength=0)
         >>> llm.steering.update(roi=Text("John lives in Berlin."), mode="bias", strength=6)
         """
-        unknown = set(changes) - set(self._cfg)
+        unknown = set(changes) - set(_ARGS)
         if unknown:
             raise SteeringError(
-                f"update() got unknown argument(s) {sorted(unknown)}; known: {sorted(self._cfg)}"
+                f"update() got unknown argument(s) {sorted(unknown)}; known: {sorted(_ARGS)}"
             )
         with self._lock:
-            new = dict(self._cfg)
+            new = {k: self._cfg[k] for k in _ARGS}
+            # heads= and headmap= both choose heads: the one named now replaces the other
+            if "heads" in changes and "headmap" not in changes:
+                new["headmap"], new["top_k"] = None, None
+            if "headmap" in changes and "heads" not in changes:
+                new["heads"] = None
             new.update(changes)
             old = self._cfg
             self._validate_and_set(new)
             if self._llm is not None:
                 try:
+                    self._heads_mask()  # a head outside the model: refused now, not per token
+                    self._stale = True  # raw eval() publishes it (a generation does anyway)
                     self._llm._steer_republish()
                 except Exception:
                     self._cfg = old
@@ -211,13 +300,22 @@ class Steering:
         )
 
     def close(self) -> None:
-        """Detach from the model; the hook stops editing. Safe to call twice."""
+        """Detach from the model: it runs unsteered from the next token on, as if made
+        without ``steering=`` (cached cells computed under an edit are dropped, so the next
+        completion is the plain model's, token for token). Safe to call twice.
+
+        >>> with Steering(roi=Text("Berlin")) as st:
+        ...     llm = Llama(model_path=path, steering=st)
+        >>> llm.steering is None                # closed at the block's end: unsteered now
+        """
         with self._lock:
-            if self._hook is not None and self._llm is not None:
+            llm = self._llm
+            if self._hook is not None and llm is not None:
                 try:
                     self._hook.set_config(None, np.zeros(0, np.float32), phases=0)
                 except Exception:
-                    pass
+                    pass  # the hook is already closed (the model went first)
+                llm._steer_detach()
             self._llm_ref = None
 
     def __enter__(self) -> Steering:
@@ -228,7 +326,7 @@ class Steering:
 
     def __repr__(self) -> str:
         c = self._cfg
-        heads = c["heads"] if isinstance(c["heads"], str) else f"<{self._n_heads_desc()}>"
+        heads = c["_heads"] if isinstance(c["_heads"], str) else f"<{self._n_heads_desc()}>"
         return (
             f"Steering(heads={heads}, roi={list(c['roi'])}, mode={c['mode']!r}, "
             f"strength={c['strength']:g}, decode_only={c['decode_only']}"
@@ -237,7 +335,7 @@ class Steering:
 
     # -- validation -------------------------------------------------------------------------
     def _n_heads_desc(self) -> str:
-        h = self._cfg["heads"]
+        h = self._cfg["_heads"]
         if isinstance(h, np.ndarray):
             return f"{int(h.sum())} heads"
         return f"{len(h)} heads"
@@ -249,40 +347,44 @@ class Steering:
         cfg["strength"] = _check_strength(cfg["strength"])
         cfg["roi"] = as_targets(cfg["roi"])
         cfg["domain"] = as_targets(cfg["domain"])
+        if not isinstance(cfg["decode_only"], bool | np.bool_):
+            raise SteeringError(f"decode_only={cfg['decode_only']!r}: pass True or False")
         cfg["decode_only"] = bool(cfg["decode_only"])
+        cfg["heads"] = _check_heads(cfg["heads"])
         hm = cfg["headmap"]
         if hm is not None:
             from llama_steer.headmap import Headmap
 
-            hm = hm if isinstance(hm, Headmap) else Headmap.load(hm)
+            if cfg["heads"] is not None:
+                raise SteeringError(
+                    "heads= and headmap= both choose the heads: give one (headmap= with top_k= "
+                    "takes its best heads; heads= names them)"
+                )
+            if isinstance(hm, dict):
+                hm = Headmap.from_json(hm)
+            elif isinstance(hm, str | os.PathLike):
+                hm = Headmap.load(hm)
+            elif not isinstance(hm, Headmap):
+                raise SteeringError(
+                    f"headmap={type(hm).__name__}: pass a Headmap, a path to its JSON, or the "
+                    "parsed JSON dict"
+                )
             cfg["headmap"] = hm
-            k = cfg["top_k"] if cfg["top_k"] is not None else hm.recommended()["top_k"]
-            cfg["heads"] = hm.top(min(int(k), len(hm.heads)) if cfg["top_k"] is None else int(k))
+            if not hm.heads:
+                raise SteeringError(
+                    "this headmap lists no heads: score the model (`llama-steer score`) or "
+                    "convert a ranking with scripts/convert_headmap.py"
+                )
+            k = cfg["top_k"]
+            if k is None:
+                k = min(int(hm.recommended()["top_k"]), len(hm.heads))
+            elif isinstance(k, bool) or not isinstance(k, int | np.integer):
+                raise SteeringError(f"top_k={k!r}: pass an int, 1..{len(hm.heads)}")
+            cfg["_heads"] = tuple(hm.top(int(k)))
         elif cfg["top_k"] is not None:
             raise SteeringError("top_k= goes with headmap=: pass the headmap to rank heads by")
-        heads = cfg["heads"]
-        if isinstance(heads, str):
-            if heads != "all" and not re.fullmatch(r"layers:\d+(-\d+)?", heads):
-                raise SteeringError(
-                    f"heads={heads!r}: use 'all', 'layers:A-B' (every head of layers A..B), "
-                    "a list of (layer, head) pairs, or a bool array (n_layer, n_head)"
-                )
-        elif isinstance(heads, np.ndarray):
-            if heads.ndim != 2:
-                raise SteeringError(
-                    f"heads array has shape {heads.shape}: expected (n_layer, n_head)"
-                )
-            cfg["heads"] = heads.astype(bool)
         else:
-            try:
-                pairs = [(int(lh[0]), int(lh[1])) for lh in heads]
-                if any(len(lh) != 2 for lh in heads):
-                    raise ValueError
-            except (TypeError, ValueError, IndexError):
-                raise SteeringError(
-                    f"heads={heads!r}: expected 'all' or a list of (layer, head) pairs"
-                ) from None
-            cfg["heads"] = tuple(pairs)
+            cfg["_heads"] = "all" if cfg["heads"] is None else cfg["heads"]
         w = cfg["weights"]
         if w is not None:
             w = np.asarray(w, dtype=np.float64).reshape(-1)
@@ -307,6 +409,12 @@ class Steering:
                 "(normalised to (s - mean)/std and scaled by strength), or a Saliency roi"
             )
         has_image = any(isinstance(t, IMAGE_TARGETS) for t in cfg["roi"])
+        if cfg["focus"] and cfg["roi"] and not has_image:
+            raise SteeringError(
+                f"focus={cfg['focus']!r} narrows image targets to the tokens that show "
+                "something, but this ROI has no image target: drop focus, or target an image "
+                "region (panel:, box:, a named region)"
+            )
         if mode == "redirect" and cfg["roi"] and not cfg["domain"] and not has_image:
             raise SteeringError(
                 "mode='redirect' needs domain=: the cells to suppress while the ROI is "
@@ -342,7 +450,15 @@ class Steering:
 
     def _heads_mask(self) -> np.ndarray:
         L, H = self._hook.n_layer, self._hook.n_head
-        heads = self._cfg["heads"]
+        heads = self._cfg["_heads"]
+        if isinstance(heads, np.ndarray):
+            if heads.shape != (L, H):
+                hint = " (transposed? rows are layers)" if heads.shape == (H, L) else ""
+                raise SteeringError(
+                    f"heads array has shape {heads.shape} but the model has {L} layers x {H} "
+                    f"heads: pass a bool mask of shape ({L}, {H}){hint}"
+                )
+            return heads
         if heads == "all":
             return np.ones((L, H), dtype=bool)
         if isinstance(heads, str):  # layers:A-B
@@ -353,12 +469,6 @@ class Steering:
             m = np.zeros((L, H), dtype=bool)
             m[lo : hi + 1] = True
             return m
-        if isinstance(heads, np.ndarray):
-            if heads.shape != (L, H):
-                raise SteeringError(
-                    f"heads array has shape {heads.shape} but the model has {L} layers x {H} heads"
-                )
-            return heads
         m = np.zeros((L, H), dtype=bool)
         for layer, head in heads:
             if not (0 <= layer < L and 0 <= head < H):
@@ -446,6 +556,7 @@ class Steering:
             if seq is None:
                 seq = llm._steer_seq()
             bias, tail = self._bias(seq)
+            self._stale = False
             if self._published is not None and self._published[1] is bias:
                 return  # the memo's answer for the same config and prompt: published already
             heads = self._heads_mask()

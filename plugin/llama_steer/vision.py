@@ -84,9 +84,10 @@ class Geometry:
         proj = meta.get("clip.projector_type")
         if proj not in _DYN_SIZE:
             raise GeometryError(
-                f"{path}: projector {proj!r} is not one whose resize rule llama-steer knows "
-                f"({', '.join(sorted(_DYN_SIZE))}); pixel ROIs (box:, panel:, named regions) "
-                "are unavailable, use image-token ranges such as 50:99"
+                f"pixel ROIs (box:, panel:, named regions, saliency:) need the projector's "
+                f"resize rule, and llama-steer does not map projector {proj!r} (of "
+                f"{Path(path).name}; supported: {', '.join(sorted(_DYN_SIZE))}): use "
+                "image-token ranges such as 50:99 instead, which work with any projector"
             )
         lo, hi = _DYN_SIZE[proj]
         return cls(
@@ -148,14 +149,32 @@ class ImageGrid:
     ny: int
     align: int
     content: tuple[int, int, int, int]
+    # align 0: the pixel -> token rule is unknown for this projector; this says why
+    unmapped: str = field(default="", compare=False)
 
     @property
     def n_tokens(self) -> int:
         return self.nx * self.ny
 
+    @property
+    def token_size(self) -> tuple[float, float]:
+        """(width, height) of one token in original-image pixels."""
+        self._need_mapping()
+        ox, oy, cw, ch = self.content
+        return self.width / (cw / self.align), self.height / (ch / self.align)
+
+    def _need_mapping(self) -> None:
+        if self.align == 0:
+            raise GeometryError(
+                (self.unmapped or "the pixel-to-token rule of this image's projector is unknown")
+                + f" (this image: {self.nx}x{self.ny} = {self.n_tokens} tokens, "
+                f"so e.g. 0:{self.n_tokens - 1} is the whole image)"
+            )
+
     def token_boxes(self) -> np.ndarray:
         """(n_tokens, 4) float64: each token's (x0, y0, x1, y1) in original pixels, clipped
         to the image (letterbox padding removed); empty boxes for all-padding tokens."""
+        self._need_mapping()
         ox, oy, cw, ch = self.content
         sx, sy = cw / self.width, ch / self.height
         c = np.arange(self.nx)
@@ -193,6 +212,11 @@ class ImageGrid:
         return hit.astype(np.int64)
 
     def describe(self) -> str:
+        if self.align == 0:
+            return (
+                f"{self.width}x{self.height} px -> {self.nx}x{self.ny} tokens "
+                f"({self.n_tokens} in all); pixel ROIs unavailable: {self.unmapped}"
+            )
         ox, oy, cw, ch = self.content
         tw = self.width / (cw / self.align)
         th = self.height / (ch / self.align)
