@@ -105,7 +105,11 @@ int steer_hook_get_stats(steer_hook *h, steer_stats *out, int32_t reset);
 int steer_hook_get_scales(steer_hook *h, float *out, int32_t n);
 int steer_hook_set_scale(steer_hook *h, int32_t layer, float scale);
 /* observer sums: out [n_layer * n_head * n_regions] (layer, head, region); rows_out: [n_layer]
- * query rows accumulated per layer */
+ * query rows accumulated per layer. The sums are those of the active config: the last config
+ * that observed with this n_regions, kept by configs published after it with the same
+ * n_regions or without observation; a config observing with another n_regions starts new
+ * sums (zeros). Safe while another thread evaluates or publishes. n = 0 before any config
+ * observed. */
 int steer_hook_read_obs(steer_hook *h, float *out, int32_t n, uint64_t *rows_out,
                         int32_t reset);
 

@@ -4,6 +4,11 @@ The hook's own routines run on caller buffers laid out like ggml's kq-<il>
 (n_stream, n_head, n_tokens, n_kv); the modes' definitions are checked in probability space.
 """
 
+import os
+import pathlib
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,6 +18,7 @@ from llama_steer import Steering, SteeringError, Tokens, _native
 from llama_steer.roi import Seq, resolve
 
 PF, DEC = _native.PHASE_PREFILL, _native.PHASE_DECODE
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def make_hook(n_layer=3, n_head=4, scales=(0.25, 1.0, 0.125)):
@@ -374,3 +380,45 @@ def test_steering_input_errors_name_the_fix():
     steer = Steering(mode="shift", roi=Tokens(0, 2), weights=[1.0, 1.0])
     with pytest.raises(SteeringError, match="constant"):
         steer._bias(Seq.text_only([1, 2], [b"a", b"b"]))
+
+
+def _cc() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler (cc, gcc or clang) to build the native stress program")
+    return cc
+
+
+def test_observer_survives_a_concurrent_publish(tmp_path):
+    """One thread brackets evals that observe, another publishes configs whose number of
+    regions flips, a third reads and resets the sums: built with AddressSanitizer, a hook
+    that frees observer sums a pinned eval (or read_obs) still uses aborts with a
+    heap-use-after-free. The program also checks that same-shape republishes in the middle
+    of an eval keep accumulating into one buffer."""
+    cc = _cc()
+    exe = tmp_path / "obs_race"
+    build = [
+        cc,
+        "-std=c11",
+        "-O1",
+        "-g",
+        "-fsanitize=address",
+        "-fno-omit-frame-pointer",
+        "-pthread",
+        f"-I{ROOT / 'native'}",
+        str(ROOT / "native" / "steer.c"),
+        str(ROOT / "native" / "steer_cuda.c"),
+        str(ROOT / "tests" / "c" / "obs_race.c"),
+        "-o",
+        str(exe),
+        "-lm",
+        "-ldl",
+    ]
+    r = subprocess.run(build, capture_output=True, text=True)
+    if r.returncode != 0 and "sanitize" in r.stderr:
+        pytest.skip(f"{cc} cannot build with AddressSanitizer: {r.stderr[-500:]}")
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=23")
+    r = subprocess.run([str(exe), "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, r.stderr[-4000:]
+    assert r.stdout.startswith("ok:"), r.stdout
