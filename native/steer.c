@@ -83,19 +83,23 @@ void steer_hook_free(steer_hook *h) {
 
 /* ---- ABI check ------------------------------------------------------------------------ */
 
-int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
-                    void *fn_get_name, void *fn_get_data, void *fn_nbytes,
-                    void *fn_buffer_is_host) {
+int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, const steer_probe *probe) {
     if (!h || n_layer <= 0 || n_head <= 0 || n_layer > 4096 || n_head > 4096) return STEER_E_ARG;
-    if (!probe || !fn_get_name || !fn_get_data || !fn_nbytes || !fn_buffer_is_host)
+    if (!probe || !probe->tensor || !probe->src || !probe->buffer || !probe->fn_get_name ||
+        !probe->fn_get_data || !probe->fn_nbytes || !probe->fn_buffer_is_host ||
+        !probe->fn_op_desc)
         return STEER_E_ARG;
     h->bound = 0;
-    const struct sg_tensor *t = (const struct sg_tensor *)probe;
-    sg_get_name_fn get_name = (sg_get_name_fn)fn_get_name;
-    sg_get_data_fn get_data = (sg_get_data_fn)fn_get_data;
-    sg_nbytes_fn nbytes = (sg_nbytes_fn)fn_nbytes;
+    const struct sg_tensor *t = (const struct sg_tensor *)probe->tensor;
+    sg_get_name_fn get_name = (sg_get_name_fn)probe->fn_get_name;
+    sg_get_data_fn get_data = (sg_get_data_fn)probe->fn_get_data;
+    sg_nbytes_fn nbytes = (sg_nbytes_fn)probe->fn_nbytes;
+    sg_buffer_is_host_fn buffer_is_host = (sg_buffer_is_host_fn)probe->fn_buffer_is_host;
+    sg_op_desc_fn op_desc = (sg_op_desc_fn)probe->fn_op_desc;
     /* The accessors are ggml's own code: they read the real struct. Every field we use must
-     * agree with what they return, else our mirror is wrong and we must not write memory. */
+     * agree with what they return or with what ggml was given, else our mirror is wrong and
+     * we must not write memory. Pointers read through the mirror are compared before any is
+     * followed: a wrong offset yields garbage, which must not be dereferenced. */
     static const int64_t ne[4] = {5, 7, 3, 2};
     if (get_name(t) != t->name) return STEER_E_LAYOUT;
     if (strncmp(t->name, "llama-steer-probe", SG_MAX_NAME) != 0) return STEER_E_LAYOUT;
@@ -108,8 +112,22 @@ int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
     }
     if (nbytes(t) != stride) return STEER_E_LAYOUT;
     if (t->view_src != NULL || t->view_offs != 0) return STEER_E_LAYOUT;
-    for (int s = 0; s < SG_MAX_SRC; s++)
+    /* ggml_soft_max_ext: src[0] = a, src[1] = the mask (none here), the rest unset */
+    if (t->src[0] != (const struct sg_tensor *)probe->src) return STEER_E_LAYOUT;
+    for (int s = 1; s < SG_MAX_SRC; s++)
         if (t->src[s] != NULL) return STEER_E_LAYOUT;
+    /* the callback reads a kq_soft_max-<il> node's scale from op_params[0]: ggml says the
+     * probe is a SOFT_MAX node, our mirror must read the same op and the scale it was given
+     * (bit for bit), then max_bias (0) in op_params[1] */
+    const char *desc = op_desc(t);
+    if (desc == NULL || strcmp(desc, "SOFT_MAX") != 0 || t->op != SG_OP_SOFT_MAX)
+        return STEER_E_LAYOUT;
+    float params[2];
+    memcpy(params, t->op_params, sizeof(params));
+    if (memcmp(&params[0], &probe->scale, sizeof(float)) != 0 || params[1] != 0.0f)
+        return STEER_E_LAYOUT;
+    /* the callback tells host from device memory by ggml_backend_buffer_is_host(buffer) */
+    if (t->buffer != probe->buffer || !buffer_is_host(t->buffer)) return STEER_E_LAYOUT;
 
     float *scale = (float *)calloc((size_t)n_layer, sizeof(float));
     if (!scale) return STEER_E_NOMEM;
@@ -118,7 +136,7 @@ int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
     h->n_layer = n_layer;
     h->n_head = n_head;
     h->get_name = get_name;
-    h->buffer_is_host = (sg_buffer_is_host_fn)fn_buffer_is_host;
+    h->buffer_is_host = buffer_is_host;
     h->bound = 1;
     return STEER_OK;
 }

@@ -30,29 +30,39 @@ static steer_hook *hook;
 static atomic_int stop;
 static float probs[N_ROWS * H * N_KV];
 
-/* a probe tensor laid out as the mirror says, with accessors that read it the same way:
- * the stress is about the config protocol, not the ABI check */
+/* a probe laid out as the mirror says, with accessors that read it the same way: the
+ * stress is about the config protocol, not the ABI check */
 static const char *fake_name(const struct sg_tensor *t) { return t->name; }
 static void *fake_data(const struct sg_tensor *t) { return t->data; }
 static size_t fake_nbytes(const struct sg_tensor *t) { return t->nb[3] * (size_t)t->ne[3]; }
 static _Bool fake_is_host(void *buffer) { return buffer != NULL; }
+static const char *fake_op_desc(const struct sg_tensor *t) {
+    return t->op == SG_OP_SOFT_MAX ? "SOFT_MAX" : "?";
+}
 
 static int bind_fake(void) {
-    static struct sg_tensor t;
+    static struct sg_tensor t, src;
     static float data[5 * 7 * 3 * 2];
+    static char buffer[1];
     static const int64_t ne[4] = {5, 7, 3, 2};
+    const float scale = 0.25f;
     memset(&t, 0, sizeof(t));
     t.type = SG_TYPE_F32;
+    t.buffer = buffer;
     size_t stride = sizeof(float);
     for (int d = 0; d < 4; d++) {
         t.ne[d] = ne[d];
         t.nb[d] = stride;
         stride *= (size_t)ne[d];
     }
+    t.op = SG_OP_SOFT_MAX;
+    memcpy(&t.op_params[0], &scale, sizeof(float));
+    t.src[0] = &src;
     t.data = data;
     strcpy(t.name, "llama-steer-probe");
-    return steer_hook_bind(hook, L, H, &t, (void *)fake_name, (void *)fake_data,
-                           (void *)fake_nbytes, (void *)fake_is_host);
+    steer_probe p = {&t, &src, buffer, scale, (void *)fake_name, (void *)fake_data,
+                     (void *)fake_nbytes, (void *)fake_is_host, (void *)fake_op_desc};
+    return steer_hook_bind(hook, L, H, &p);
 }
 
 static int publish(int32_t n_regions) {
