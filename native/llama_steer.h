@@ -69,13 +69,32 @@ typedef struct steer_stats {
 int steer_hook_new(steer_hook **out);
 void steer_hook_free(steer_hook *h);
 
+/* The probe of steer_hook_bind's ABI check, made by the loaded libggml (_native.ggml_probe):
+ *   src:    a = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 5, 7, 3, 2)
+ *   tensor: ggml_soft_max_ext(ctx, a, NULL, scale, 0.0f), named "llama-steer-probe"
+ *   buffer: the host (CPU) backend buffer ggml allocated both in
+ *           (ggml_backend_alloc_ctx_tensors_from_buft with ggml_backend_cpu_buffer_type())
+ *   scale:  the scale passed to ggml_soft_max_ext
+ *   fn_*:   ggml's own ggml_get_name, ggml_get_data, ggml_nbytes, ggml_backend_buffer_is_host,
+ *           ggml_op_desc */
+typedef struct steer_probe {
+    void *tensor;
+    void *src;
+    void *buffer;
+    float scale;
+    void *fn_get_name;
+    void *fn_get_data;
+    void *fn_nbytes;
+    void *fn_buffer_is_host;
+    void *fn_op_desc;
+} steer_probe;
+
 /* Bind to a model's shape and check this build's mirror of struct ggml_tensor against the
- * loaded libggml, using a probe tensor made by ggml (F32, ne = {5, 7, 3, 2}, name
- * "llama-steer-probe") and ggml's own accessors. On a mismatch returns STEER_E_LAYOUT and
- * the hook stays unbound: the callback then asks for nothing and never touches memory. */
-int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
-                    void *fn_get_name, void *fn_get_data, void *fn_nbytes,
-                    void *fn_buffer_is_host);
+ * loaded libggml on the probe: every field the callback reads (name, data, type, ne, nb, op,
+ * op_params, buffer; src and view for the offsets between them) must agree with what ggml
+ * put there. On a mismatch returns STEER_E_LAYOUT and the hook stays unbound: the callback
+ * then asks for nothing and never touches memory. */
+int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, const steer_probe *probe);
 
 /* Publish a new config (copied; double-buffered, safe while another thread evaluates).
  * heads:   [n_layer * n_head] 0/1, row-major (layer, head); NULL = no head steered
@@ -105,7 +124,11 @@ int steer_hook_get_stats(steer_hook *h, steer_stats *out, int32_t reset);
 int steer_hook_get_scales(steer_hook *h, float *out, int32_t n);
 int steer_hook_set_scale(steer_hook *h, int32_t layer, float scale);
 /* observer sums: out [n_layer * n_head * n_regions] (layer, head, region); rows_out: [n_layer]
- * query rows accumulated per layer */
+ * query rows accumulated per layer. The sums are those of the active config: the last config
+ * that observed with this n_regions, kept by configs published after it with the same
+ * n_regions or without observation; a config observing with another n_regions starts new
+ * sums (zeros). Safe while another thread evaluates or publishes. n = 0 before any config
+ * observed. */
 int steer_hook_read_obs(steer_hook *h, float *out, int32_t n, uint64_t *rows_out,
                         int32_t reset);
 

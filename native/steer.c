@@ -24,7 +24,33 @@
 #include "steer_internal.h"
 #include "steer_math.h"
 
+static void acc_unref(steer_acc *a) {
+    if (!a || --a->refs > 0) return;
+    free(a->sums);
+    free(a->rows);
+    free(a);
+}
+
+static steer_acc *acc_new(int32_t L, int32_t H, int32_t R) {
+    steer_acc *a = (steer_acc *)calloc(1, sizeof(steer_acc));
+    if (!a) return NULL;
+    a->sums = (float *)calloc((size_t)L * H * R, sizeof(float));
+    a->rows = (uint64_t *)calloc((size_t)L, sizeof(uint64_t));
+    if (!a->sums || !a->rows) {
+        free(a->sums);
+        free(a->rows);
+        free(a);
+        return NULL;
+    }
+    a->n_layer = L, a->n_head = H, a->n_regions = R;
+    a->refs = 1;
+    return a;
+}
+
+/* frees the config's tables and drops its reference to the observer sums: call it on a slot
+ * only under `writing` after the slot's readers drained (or in steer_hook_free) */
 static void cfg_clear(steer_cfg *c) {
+    acc_unref(c->acc);
     free(c->heads);
     free(c->layer_any);
     free(c->bias);
@@ -51,27 +77,29 @@ void steer_hook_free(steer_hook *h) {
     cfg_clear(&h->slot[0]);
     cfg_clear(&h->slot[1]);
     free(h->scale);
-    free(h->obs);
-    free(h->obs_rows_count);
     steer_cuda_free(h->cuda);
     free(h);
 }
 
 /* ---- ABI check ------------------------------------------------------------------------ */
 
-int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
-                    void *fn_get_name, void *fn_get_data, void *fn_nbytes,
-                    void *fn_buffer_is_host) {
+int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, const steer_probe *probe) {
     if (!h || n_layer <= 0 || n_head <= 0 || n_layer > 4096 || n_head > 4096) return STEER_E_ARG;
-    if (!probe || !fn_get_name || !fn_get_data || !fn_nbytes || !fn_buffer_is_host)
+    if (!probe || !probe->tensor || !probe->src || !probe->buffer || !probe->fn_get_name ||
+        !probe->fn_get_data || !probe->fn_nbytes || !probe->fn_buffer_is_host ||
+        !probe->fn_op_desc)
         return STEER_E_ARG;
     h->bound = 0;
-    const struct sg_tensor *t = (const struct sg_tensor *)probe;
-    sg_get_name_fn get_name = (sg_get_name_fn)fn_get_name;
-    sg_get_data_fn get_data = (sg_get_data_fn)fn_get_data;
-    sg_nbytes_fn nbytes = (sg_nbytes_fn)fn_nbytes;
+    const struct sg_tensor *t = (const struct sg_tensor *)probe->tensor;
+    sg_get_name_fn get_name = (sg_get_name_fn)probe->fn_get_name;
+    sg_get_data_fn get_data = (sg_get_data_fn)probe->fn_get_data;
+    sg_nbytes_fn nbytes = (sg_nbytes_fn)probe->fn_nbytes;
+    sg_buffer_is_host_fn buffer_is_host = (sg_buffer_is_host_fn)probe->fn_buffer_is_host;
+    sg_op_desc_fn op_desc = (sg_op_desc_fn)probe->fn_op_desc;
     /* The accessors are ggml's own code: they read the real struct. Every field we use must
-     * agree with what they return, else our mirror is wrong and we must not write memory. */
+     * agree with what they return or with what ggml was given, else our mirror is wrong and
+     * we must not write memory. Pointers read through the mirror are compared before any is
+     * followed: a wrong offset yields garbage, which must not be dereferenced. */
     static const int64_t ne[4] = {5, 7, 3, 2};
     if (get_name(t) != t->name) return STEER_E_LAYOUT;
     if (strncmp(t->name, "llama-steer-probe", SG_MAX_NAME) != 0) return STEER_E_LAYOUT;
@@ -84,8 +112,22 @@ int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
     }
     if (nbytes(t) != stride) return STEER_E_LAYOUT;
     if (t->view_src != NULL || t->view_offs != 0) return STEER_E_LAYOUT;
-    for (int s = 0; s < SG_MAX_SRC; s++)
+    /* ggml_soft_max_ext: src[0] = a, src[1] = the mask (none here), the rest unset */
+    if (t->src[0] != (const struct sg_tensor *)probe->src) return STEER_E_LAYOUT;
+    for (int s = 1; s < SG_MAX_SRC; s++)
         if (t->src[s] != NULL) return STEER_E_LAYOUT;
+    /* the callback reads a kq_soft_max-<il> node's scale from op_params[0]: ggml says the
+     * probe is a SOFT_MAX node, our mirror must read the same op and the scale it was given
+     * (bit for bit), then max_bias (0) in op_params[1] */
+    const char *desc = op_desc(t);
+    if (desc == NULL || strcmp(desc, "SOFT_MAX") != 0 || t->op != SG_OP_SOFT_MAX)
+        return STEER_E_LAYOUT;
+    float params[2];
+    memcpy(params, t->op_params, sizeof(params));
+    if (memcmp(&params[0], &probe->scale, sizeof(float)) != 0 || params[1] != 0.0f)
+        return STEER_E_LAYOUT;
+    /* the callback tells host from device memory by ggml_backend_buffer_is_host(buffer) */
+    if (t->buffer != probe->buffer || !buffer_is_host(t->buffer)) return STEER_E_LAYOUT;
 
     float *scale = (float *)calloc((size_t)n_layer, sizeof(float));
     if (!scale) return STEER_E_NOMEM;
@@ -94,7 +136,7 @@ int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, void *probe,
     h->n_layer = n_layer;
     h->n_head = n_head;
     h->get_name = get_name;
-    h->buffer_is_host = (sg_buffer_is_host_fn)fn_buffer_is_host;
+    h->buffer_is_host = buffer_is_host;
     h->bound = 1;
     return STEER_OK;
 }
@@ -181,25 +223,25 @@ int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias
     c.version = ++h->next_version;
     c.key = key;
 
-    /* observer buffers are resized by the writer: only between evals (documented) */
-    if (c.observes && c.n_regions != h->obs_n_regions) {
-        float *obs = (float *)calloc((size_t)L * H * c.n_regions, sizeof(float));
-        uint64_t *rows = (uint64_t *)calloc((size_t)L, sizeof(uint64_t));
-        if (!obs || !rows) {
-            free(obs);
-            free(rows);
+    while (atomic_flag_test_and_set(&h->writing)) nap();
+    int w = 1 - atomic_load(&h->active);
+    /* The observer sums travel with the configs (steer_acc): keep accumulating into the
+     * active config's sums when their shape fits (or when this config does not observe, so
+     * read_obs still finds the last observation), else start new ones. The old sums are freed
+     * by cfg_clear only once no slot holds them, never while a pinned eval can write them. */
+    steer_acc *cur = h->slot[1 - w].acc;
+    if (c.observes && !(cur && cur->n_regions == c.n_regions && cur->n_layer == L &&
+                        cur->n_head == H)) {
+        c.acc = acc_new(L, H, c.n_regions);
+        if (!c.acc) {
+            atomic_flag_clear(&h->writing);
             cfg_clear(&c);
             return STEER_E_NOMEM;
         }
-        free(h->obs);
-        free(h->obs_rows_count);
-        h->obs = obs;
-        h->obs_rows_count = rows;
-        h->obs_n_regions = c.n_regions;
+    } else if (cur) {
+        c.acc = cur;
+        cur->refs++;
     }
-
-    while (atomic_flag_test_and_set(&h->writing)) nap();
-    int w = 1 - atomic_load(&h->active);
     while (atomic_load(&h->readers[w]) > 0) nap();
     cfg_clear(&h->slot[w]);
     h->slot[w] = c;
@@ -265,16 +307,23 @@ int steer_hook_read_obs(steer_hook *h, float *out, int32_t n, uint64_t *rows_out
                         int32_t reset) {
     if (!h || !out || !rows_out) return STEER_E_ARG;
     if (!h->bound) return STEER_E_UNBOUND;
-    size_t want = (size_t)h->n_layer * h->n_head * h->obs_n_regions;
-    if ((size_t)n != want) return STEER_E_ARG;
-    if (want == 0) return STEER_OK;
-    memcpy(out, h->obs, sizeof(float) * want);
-    memcpy(rows_out, h->obs_rows_count, sizeof(uint64_t) * (size_t)h->n_layer);
-    if (reset) {
-        memset(h->obs, 0, sizeof(float) * want);
-        memset(h->obs_rows_count, 0, sizeof(uint64_t) * (size_t)h->n_layer);
+    /* the sums of the active config, pinned so a concurrent publish cannot free them */
+    int s = pin(h);
+    const steer_acc *a = h->slot[s].acc;
+    size_t want = a ? (size_t)a->n_layer * a->n_head * a->n_regions : 0;
+    int rc = STEER_OK;
+    if ((size_t)n != want) {
+        rc = STEER_E_ARG;
+    } else if (want > 0) {
+        memcpy(out, a->sums, sizeof(float) * want);
+        memcpy(rows_out, a->rows, sizeof(uint64_t) * (size_t)a->n_layer);
+        if (reset) {
+            memset(a->sums, 0, sizeof(float) * want);
+            memset(a->rows, 0, sizeof(uint64_t) * (size_t)a->n_layer);
+        }
     }
-    return STEER_OK;
+    unpin(h, s);
+    return rc;
 }
 
 /* ---- edit and observe ------------------------------------------------------------------- */
@@ -308,14 +357,15 @@ static int edit(steer_hook *h, const steer_cfg *c, int32_t il, int32_t phase, fl
 
 static void observe(steer_hook *h, const steer_cfg *c, int32_t il, const float *data,
                     const int64_t ne[4], const int64_t nb[4]) {
-    if (!c->observes || !c->obs_layers[il] || c->n_regions != h->obs_n_regions) return;
+    if (!c->observes || !c->obs_layers[il]) return;
     const int32_t R = c->n_regions;
     int64_t n_head = ne[2] < h->n_head ? ne[2] : h->n_head;
-    float *acc = h->obs + (size_t)il * h->n_head * R;
+    float *acc = c->acc->sums + (size_t)il * h->n_head * R;
+    uint64_t *rows = c->acc->rows;
     int64_t i0 = 0;
     if (c->obs_rows == STEER_ROWS_LAST) {
         memset(acc, 0, sizeof(float) * (size_t)h->n_head * R);
-        h->obs_rows_count[il] = 0;
+        rows[il] = 0;
         i0 = ne[1] - 1;
     }
     for (int64_t s = 0; s < ne[3]; s++)
@@ -324,7 +374,7 @@ static void observe(steer_hook *h, const steer_cfg *c, int32_t il, const float *
                 const float *p = (const float *)((const char *)data + i * nb[1] + k * nb[2] + s * nb[3]);
                 steer_observe_row(p, ne[0], c->region, c->n_region_cells, acc + k * R);
             }
-            h->obs_rows_count[il]++;
+            rows[il]++;
         }
     h->stats.n_obs_nodes++;
 }

@@ -159,7 +159,6 @@ int steer_cuda_edit(steer_hook *h, const steer_cfg *c, int32_t il, void *data,
 int steer_cuda_observe(steer_hook *h, const steer_cfg *c, int32_t il, const void *data,
                        const int64_t ne[4], const int64_t nb[4]) {
     steer_cuda *cu = h->cuda;
-    if (c->n_regions != h->obs_n_regions) return 0;
     const int32_t R = c->n_regions;
     int64_t n_head = ne[2] < h->n_head ? ne[2] : h->n_head;
     size_t n_acc = (size_t)h->n_head * R;
@@ -183,13 +182,14 @@ int steer_cuda_observe(steer_hook *h, const steer_cfg *c, int32_t il, const void
         cu->dtoh(cu->h_acc, cu->d_acc, n_acc * sizeof(float), cu->stream) ||
         cu->stream_sync(cu->stream))
         return STEER_F_CUDA;
-    float *acc = h->obs + (size_t)il * n_acc;
+    /* the pinned config's own sums (steer_acc): a concurrent publish cannot free them */
+    float *acc = c->acc->sums + (size_t)il * n_acc;
     if (c->obs_rows == STEER_ROWS_LAST) {
         memcpy(acc, cu->h_acc, n_acc * sizeof(float));
-        h->obs_rows_count[il] = (uint64_t)ne[3];
+        c->acc->rows[il] = (uint64_t)ne[3];
     } else {
         for (size_t q = 0; q < n_acc; q++) acc[q] += cu->h_acc[q];
-        h->obs_rows_count[il] += (uint64_t)((ne[1] - i0) * ne[3]);
+        c->acc->rows[il] += (uint64_t)((ne[1] - i0) * ne[3]);
     }
     h->stats.n_obs_nodes++;
     return 0;

@@ -13,6 +13,21 @@
 
 typedef struct steer_cuda steer_cuda; /* steer_cuda.c */
 
+/* Observer sums. They belong to the configs, not to the hook: a config holds a reference to
+ * the accumulator its evals add into, so a writer publishing a config with another number of
+ * regions never frees memory a pinned eval may still be writing. A config republished with
+ * the same shape (or one that does not observe) takes over the current accumulator, so an
+ * observation that spans a republish (update() from another thread) is not split. `refs`
+ * counts the slots holding it and changes only in steer_hook_set_config under `writing` (and
+ * in steer_hook_free): it drops to 0 only when the slot of the last config holding it is
+ * overwritten, which happens after that slot's readers drained. */
+typedef struct steer_acc {
+    float *sums;     /* [n_layer * n_head * n_regions] (layer, head, region) */
+    uint64_t *rows;  /* [n_layer] query rows accumulated per layer */
+    int32_t n_layer, n_head, n_regions;
+    int refs;
+} steer_acc;
+
 /* one published config; immutable while any reader has it pinned */
 typedef struct steer_cfg {
     uint8_t *heads;     /* [n_layer * n_head] */
@@ -28,7 +43,8 @@ typedef struct steer_cfg {
     int32_t n_regions;
     uint8_t *obs_layers; /* [n_layer] */
     int32_t obs_rows;
-    int observes;
+    int observes;        /* then acc != NULL and acc->n_regions == n_regions */
+    steer_acc *acc;      /* the observer sums (shared, counted); NULL until a config observes */
     uint64_t version; /* set at publish; the CUDA path re-uploads tables when it changes */
     uint64_t key;     /* the caller's id of the edit (steer_stats.eval_key) */
 } steer_cfg;
@@ -50,9 +66,6 @@ struct steer_hook {
     int eval_edits;          /* the config pinned by begin_eval edits in its phase */
     uint64_t asked_at_begin; /* stats.n_asked at begin_eval: did a graph run since? */
     float *scale; /* [n_layer] softmax scale per layer (0 = unknown) */
-    float *obs;   /* [n_layer * n_head * n_regions] */
-    uint64_t *obs_rows_count;
-    int32_t obs_n_regions;
     steer_stats stats;
     uint64_t next_version;
     steer_cuda *cuda; /* NULL until steer_hook_set_cuda */

@@ -4,6 +4,12 @@ The hook's own routines run on caller buffers laid out like ggml's kq-<il>
 (n_stream, n_head, n_tokens, n_kv); the modes' definitions are checked in probability space.
 """
 
+import contextlib
+import os
+import pathlib
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,6 +19,7 @@ from llama_steer import Steering, SteeringError, Tokens, _native
 from llama_steer.roi import Seq, resolve
 
 PF, DEC = _native.PHASE_PREFILL, _native.PHASE_DECODE
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def make_hook(n_layer=3, n_head=4, scales=(0.25, 1.0, 0.125)):
@@ -313,33 +320,51 @@ def test_observer_matches_numpy(rows):
         assert not again.any()  # reset
 
 
-def test_layout_mismatch_is_refused_and_hook_stays_inert():
-    """A probe whose shape differs from what the check expects stands for a ggml whose
-    struct moved: bind must refuse, and the unbound callback must touch nothing."""
-    g = _native._ggml()
-    L = g["lib"]
-    ctx = L.ggml_init(_native._GgmlInitParams(1 << 16, None, False))
-    try:
-        t = L.ggml_new_tensor_4d(ctx, 0, 5, 7, 3, 1)  # wrong ne[3]
-        L.ggml_set_name(t, b"llama-steer-probe")
-        with _native.Hook() as hook:
-            rc = _native.lib.steer_hook_bind(
-                hook._h,
-                2,
-                2,
-                _native.ffi.cast("void *", t),
-                *(
-                    _native.ffi.cast("void *", g[k])
-                    for k in ("get_name", "get_data", "nbytes", "buffer_is_host")
-                ),
-            )
-            assert rc == _native.lib.STEER_E_LAYOUT
-            # the callback of an unbound hook asks for nothing and writes nothing
-            assert not _native.lib.steer_cb_eval(_native.ffi.cast("void *", t), True, hook._h)
-            with pytest.raises(_native.NativeError, match="not bound"):
-                hook.edit_buffer(0, PF, np.zeros((1, 1, 1, 4), np.float32))
-    finally:
-        L.ggml_free(ctx)
+def test_abi_check_passes_on_the_loaded_libggml():
+    """The probe is a real soft_max node in a real CPU backend buffer: the mirror reads the
+    buffer ggml allocated, which ggml says is host memory, and the scale in op_params[0]."""
+    with _native.ggml_probe() as p, _native.Hook() as hook:
+        assert p.buffer != _native.ffi.NULL and p.scale == _native.PROBE_SCALE
+        hook.bind(2, 2, p)
+        assert (hook.n_layer, hook.n_head) == (2, 2)
+    with _native.Hook() as hook:
+        hook.bind(3, 4)  # the default probe, as Llama binds
+        hook.set_scale(2, 0.5)  # bound: the per-layer calls work
+
+
+def _corrupt(stack, what):
+    """A ggml_probe() that differs from what ggml made in one respect (``what``)."""
+    if what == "ne":  # another shape than the check expects
+        return stack.enter_context(_native.ggml_probe(ne=(5, 7, 3, 1)))
+    p = stack.enter_context(_native.ggml_probe())
+    if what == "scale":  # op_params[0] holds another scale than the one claimed
+        p.scale = _native.PROBE_SCALE * 2
+    elif what in ("buffer", "src"):  # another probe's buffer, another node's input
+        q = stack.enter_context(_native.ggml_probe())
+        setattr(p, what, getattr(q, what))
+    return p
+
+
+@pytest.mark.parametrize("what", ["ne", "scale", "buffer", "src"])
+def test_layout_mismatch_is_refused_and_hook_stays_inert(what):
+    """A probe that differs from what ggml made stands for a ggml whose struct moved: what
+    the mirror reads (shape, op_params, buffer, src) no longer matches what ggml set, bind
+    must refuse, and the unbound callback must touch nothing."""
+    with contextlib.ExitStack() as stack, _native.Hook() as hook:
+        p = _corrupt(stack, what)
+        with pytest.raises(_native.NativeError, match="does not match") as e:
+            hook.bind(2, 2, p)
+        assert e.value.rc == _native.lib.STEER_E_LAYOUT
+        # the callback of an unbound hook asks for nothing and writes nothing
+        assert not _native.lib.steer_cb_eval(p.tensor, True, hook._h)
+        with pytest.raises(_native.NativeError, match="not bound"):
+            hook.edit_buffer(0, PF, np.zeros((1, 1, 1, 4), np.float32))
+
+
+def test_abi_check_reads_the_scale_ggml_stored():
+    """Not a constant: a real node made with another scale, claimed as such, binds."""
+    with _native.ggml_probe(scale=0.5) as p, _native.Hook() as hook:
+        hook.bind(2, 2, p)
 
 
 def test_hook_close_twice_and_context_manager():
@@ -374,3 +399,45 @@ def test_steering_input_errors_name_the_fix():
     steer = Steering(mode="shift", roi=Tokens(0, 2), weights=[1.0, 1.0])
     with pytest.raises(SteeringError, match="constant"):
         steer._bias(Seq.text_only([1, 2], [b"a", b"b"]))
+
+
+def _cc() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler (cc, gcc or clang) to build the native stress program")
+    return cc
+
+
+def test_observer_survives_a_concurrent_publish(tmp_path):
+    """One thread brackets evals that observe, another publishes configs whose number of
+    regions flips, a third reads and resets the sums: built with AddressSanitizer, a hook
+    that frees observer sums a pinned eval (or read_obs) still uses aborts with a
+    heap-use-after-free. The program also checks that same-shape republishes in the middle
+    of an eval keep accumulating into one buffer."""
+    cc = _cc()
+    exe = tmp_path / "obs_race"
+    build = [
+        cc,
+        "-std=c11",
+        "-O1",
+        "-g",
+        "-fsanitize=address",
+        "-fno-omit-frame-pointer",
+        "-pthread",
+        f"-I{ROOT / 'native'}",
+        str(ROOT / "native" / "steer.c"),
+        str(ROOT / "native" / "steer_cuda.c"),
+        str(ROOT / "tests" / "c" / "obs_race.c"),
+        "-o",
+        str(exe),
+        "-lm",
+        "-ldl",
+    ]
+    r = subprocess.run(build, capture_output=True, text=True)
+    if r.returncode != 0 and "sanitize" in r.stderr:
+        pytest.skip(f"{cc} cannot build with AddressSanitizer: {r.stderr[-500:]}")
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=23")
+    r = subprocess.run([str(exe), "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, r.stderr[-4000:]
+    assert r.stdout.startswith("ok:"), r.stdout

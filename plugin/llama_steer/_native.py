@@ -3,7 +3,8 @@
     NativeError ........ a native call failed (its message names the cause and the fix)
     Hook ............... owns one ``steer_hook``; bind, publish configs, bracket evals, read
                          stats, scales and observer sums; context manager, close() twice is safe
-    ggml_probe() ....... a real ggml tensor made by the loaded libggml, for the ABI check
+    ggml_probe() ....... a real ggml soft_max node in a CPU backend buffer, made by the loaded
+                         libggml, for the ABI check
     callback_address ... address of ``steer_cb_eval`` for llama_context_params.cb_eval
     cpu_extra_buffer_types()  names of the CPU backend's extra buffer types (AMX, repack)
 
@@ -12,6 +13,7 @@ Return codes are checked here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from dataclasses import dataclass
@@ -142,14 +144,19 @@ def _ggml():
             import llama_cpp._ggml as g
 
             L = g.libggml
-            L.ggml_init.argtypes = [_GgmlInitParams]
-            L.ggml_init.restype = ctypes.c_void_p
-            L.ggml_free.argtypes = [ctypes.c_void_p]
-            L.ggml_free.restype = None
-            L.ggml_new_tensor_4d.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 4
-            L.ggml_new_tensor_4d.restype = ctypes.c_void_p
-            L.ggml_set_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-            L.ggml_set_name.restype = ctypes.c_void_p
+            vp = ctypes.c_void_p
+            for name, args, res in (
+                ("ggml_init", [_GgmlInitParams], vp),
+                ("ggml_free", [vp], None),
+                ("ggml_new_tensor_4d", [vp, ctypes.c_int] + [ctypes.c_int64] * 4, vp),
+                ("ggml_set_name", [vp, ctypes.c_char_p], vp),
+                ("ggml_soft_max_ext", [vp, vp, vp, ctypes.c_float, ctypes.c_float], vp),
+                ("ggml_backend_cpu_buffer_type", [], vp),
+                ("ggml_backend_alloc_ctx_tensors_from_buft", [vp, vp], vp),
+                ("ggml_backend_buffer_free", [vp], None),
+            ):
+                fn = getattr(L, name)
+                fn.argtypes, fn.restype = args, res
 
             def addr(name: str) -> int:
                 return ctypes.cast(getattr(L, name), ctypes.c_void_p).value
@@ -160,6 +167,7 @@ def _ggml():
                 "get_data": addr("ggml_get_data"),
                 "nbytes": addr("ggml_nbytes"),
                 "buffer_is_host": addr("ggml_backend_buffer_is_host"),
+                "op_desc": addr("ggml_op_desc"),
             }
         return _ggml_fns
 
@@ -194,6 +202,49 @@ def cpu_extra_buffer_types() -> list[str]:
         names.append(L.ggml_backend_buft_name(arr[i]).decode("utf-8", "replace"))
         i += 1
     return names
+
+
+PROBE_NE = (5, 7, 3, 2)  # what steer_hook_bind expects: distinct sizes, so a swap shows
+# exactly representable and neither 0 nor ggml_soft_max's default 1: a zeroed or default
+# op_params does not pass for it
+PROBE_SCALE = 0.3125
+
+
+@contextlib.contextmanager
+def ggml_probe(ne: tuple = PROBE_NE, scale: float = PROBE_SCALE):
+    """A ``steer_probe *`` for ``steer_hook_bind``'s ABI check, made by the loaded libggml:
+    ``ggml_soft_max_ext(ctx, a, NULL, scale, 0)`` over an F32 tensor ``a`` of shape ``ne``,
+    both allocated in a CPU backend buffer, with ggml's own accessors. The probe describes
+    the call that made it; valid inside the ``with`` block only. Tests change its fields to
+    stand for a libggml whose struct moved (a wrong scale or buffer must be refused)."""
+    g = _ggml()
+    L = g["lib"]
+    # no_alloc: the tensors get their memory from a backend buffer, as a graph's nodes do,
+    # so the probe's ``buffer`` field is one ggml set
+    ctx = L.ggml_init(_GgmlInitParams(1 << 16, None, True))
+    if not ctx:
+        raise NativeError("ggml_init", lib.STEER_E_NOMEM)
+    buf = None
+    try:
+        a = L.ggml_new_tensor_4d(ctx, 0, *ne)  # 0 = GGML_TYPE_F32
+        L.ggml_set_name(a, b"llama-steer-probe-src")
+        t = L.ggml_soft_max_ext(ctx, a, None, scale, 0.0)
+        L.ggml_set_name(t, b"llama-steer-probe")
+        buf = L.ggml_backend_alloc_ctx_tensors_from_buft(ctx, L.ggml_backend_cpu_buffer_type())
+        if not buf:
+            raise NativeError("ggml_backend_alloc_ctx_tensors_from_buft", lib.STEER_E_NOMEM)
+        p = ffi.new("steer_probe *")
+        p.tensor = ffi.cast("void *", t)
+        p.src = ffi.cast("void *", a)
+        p.buffer = ffi.cast("void *", buf)
+        p.scale = scale
+        for field in ("get_name", "get_data", "nbytes", "buffer_is_host", "op_desc"):
+            setattr(p, "fn_" + field, ffi.cast("void *", g[field]))
+        yield p
+    finally:
+        if buf:
+            L.ggml_backend_buffer_free(buf)
+        L.ggml_free(ctx)
 
 
 class Hook:
@@ -239,32 +290,15 @@ class Hook:
             pass
 
     # -- binding ----------------------------------------------------------------------------
-    def bind(self, n_layer: int, n_head: int) -> None:
-        """Bind to a model shape after checking the ggml_tensor ABI against libggml."""
+    def bind(self, n_layer: int, n_head: int, probe=None) -> None:
+        """Bind to a model shape after checking the ggml_tensor ABI against libggml.
+        ``probe``: a ``ggml_probe()`` (tests); by default one is made for this call."""
         self._alive()
-        g = _ggml()
-        L = g["lib"]
-        ctx = L.ggml_init(_GgmlInitParams(1 << 16, None, False))
-        if not ctx:
-            raise NativeError("ggml_init", lib.STEER_E_NOMEM)
-        try:
-            t = L.ggml_new_tensor_4d(ctx, 0, 5, 7, 3, 2)
-            L.ggml_set_name(t, b"llama-steer-probe")
-            _check(
-                lib.steer_hook_bind(
-                    self._h,
-                    n_layer,
-                    n_head,
-                    ffi.cast("void *", t),
-                    ffi.cast("void *", g["get_name"]),
-                    ffi.cast("void *", g["get_data"]),
-                    ffi.cast("void *", g["nbytes"]),
-                    ffi.cast("void *", g["buffer_is_host"]),
-                ),
-                "steer_hook_bind",
-            )
-        finally:
-            L.ggml_free(ctx)
+        if probe is None:
+            with ggml_probe() as p:
+                self.bind(n_layer, n_head, p)
+            return
+        _check(lib.steer_hook_bind(self._h, n_layer, n_head, probe), "steer_hook_bind")
         self.n_layer, self.n_head = n_layer, n_head
 
     # -- config -----------------------------------------------------------------------------
