@@ -40,7 +40,7 @@ def vlm(organism):
 
     def make(steering=None, cls=Llama, **kw):
         handler = MTMDChatHandler(clip_model_path=organism[1], verbose=False)
-        kw = dict(n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kw)
+        kw = {**dict(n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=0), **kw}
         if cls is Llama:
             kw["steering"] = steering
         with guarded_load():  # plain references load as llama-steer does (AMX guard)
@@ -371,3 +371,52 @@ def test_cli_and_python_agree_on_a_steered_answer(vlm, organism, shipped_headmap
         [msg([strip], "What is in this panel?")], max_tokens=12, temperature=0
     )
     assert r.stdout.strip() == out["choices"][0]["message"]["content"].strip()
+
+
+@pytest.mark.parametrize("n_ctx", [1, 16])
+def test_a_context_too_small_for_the_image_is_refused(vlm, n_ctx):
+    """llama-cpp-python sizes its buffers by the n_ctx asked for: a prompt past it lost its
+    image silently (n_ctx=1) or failed in NumPy (16). Steered, it is refused with the size."""
+    llm = vlm(Steering(roi=Panel(2, grid=(2, 3)), mode="redirect"), n_ctx=n_ctx)
+    strip = comics.render(comics.make_strip(1, "2x3"))
+    with pytest.raises(SteeringError, match=r"needs 82 KV cells \(54 image tokens.*n_ctx >= 82"):
+        llm.create_chat_completion([msg([strip], "What is in panel 2?")], max_tokens=4)
+
+
+EXIT_SCRIPT = """
+import sys
+from llama_cpp.llama_chat_format import MTMDChatHandler
+from llama_steer import Llama, Steering, comics
+from llama_steer.cli import user_message
+steer = Steering(roi="panel:2@2x3", mode="redirect") if sys.argv[1] == "steered" else None
+h = MTMDChatHandler(clip_model_path=sys.argv[3], verbose=False)
+llm = Llama(model_path=sys.argv[2], chat_handler=h, steering=steer, verbose=False)
+img = comics.render(comics.make_strip(1, "2x3"))
+llm.create_chat_completion([user_message("What is in panel 2?", [img])], max_tokens=2)
+end = sys.argv[4]
+if end == "cycle":
+    llm.me = llm  # alive until the final collection, after the std streams close
+elif end == "exit3":
+    sys.exit(3)
+elif end == "raise":
+    raise RuntimeError("the user's own error")
+"""
+
+
+@pytest.mark.parametrize("steered", ["steered", "unsteered"])
+@pytest.mark.parametrize("end,rc", [("cycle", 0), ("exit3", 3), ("raise", 1)])
+def test_exit_is_clean_and_keeps_the_status(organism, steered, end, rc):
+    """A plain llama_cpp.Llama with MTMDChatHandler left to the interpreter's finalization
+    prints "ValueError: I/O operation on closed file" (its mtmd_free runs under a stdout
+    suppressor after the streams closed). llama_steer.Llama models, steered or not, are
+    closed from atexit instead: no such traceback, and the script's exit status stays."""
+    r = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, steered, *organism, end],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == rc, r.stderr[-2000:]
+    assert "Exception ignored" not in r.stderr and "closed file" not in r.stderr, r.stderr[-2000:]
+    if end == "raise":
+        assert r.stderr.count("Traceback") == 1 and "the user's own error" in r.stderr

@@ -432,6 +432,19 @@ class Llama(llama_cpp.Llama):
             images.append(ImageSpan(len(images) + 1, grid, cells, len(tokens), n_pos, px))
             tokens.extend([0] * n_pos)
             cells += n_tok
+        # llama-cpp-python sizes its token buffers by the n_ctx asked for, llama.cpp the KV
+        # cache by a padded one: a prompt past either is cut or dropped silently (an image
+        # vanishes from a -c 1 prompt), so refuse it here with the size that fits
+        n_ids, n_kv = len(self.input_ids), self.n_ctx()
+        if cells > n_kv or len(tokens) > n_ids:
+            n_img = sum(im.grid.n_tokens for im in images)
+            raise SteeringError(
+                f"this prompt needs {cells} KV cells ({n_img} image tokens in "
+                f"{len(images)} image(s), {cells - n_img} text tokens; {len(tokens)} "
+                f"positions) but the context holds {min(n_ids, n_kv)} (n_ctx={n_ids}): make "
+                f"the model with n_ctx >= {cells} plus room for the answer (llama-steer -c), "
+                "or send a smaller image"
+            )
         # a new prompt: any earlier generation is over, even a stream left unfinished
         self._steer_gen = _no_gen
         self._steer_images = images
