@@ -549,9 +549,12 @@ class Llama(llama_cpp.Llama):
         # microseconds, cold, between decode steps that evict it from cache)
         gen = self._steer_gen()
         in_generation = gen is not None and gen.gi_running  # called from the live generator
-        if not in_generation and (st._published is None or st._stale or n_past == 0):
+        if not in_generation and (
+            st._published is None or st._stale or (n_past == 0 and not self._steer_fresh_layout)
+        ):
             # eval() called directly: a new prompt, or an update() since the last publish,
-            # is resolved against what this eval leaves in the cache
+            # is resolved against what this eval leaves in the cache (a chat prompt's text
+            # chunks are not: its whole layout was published before its first chunk)
             seq = [int(t) for t in self.input_ids[:n_past]] + [int(t) for t in tokens]
             st._publish(self._steer_seq_for(seq, self._steer_images))
         phase = self._steer_next_phase if in_generation else self._steer_eval_phase
