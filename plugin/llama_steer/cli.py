@@ -635,9 +635,9 @@ def make_steering(args, one_shot: bool = False):
         ]
         if given:
             raise CliError(
-                f"{', '.join(given)} given, but nothing to steer to: add --roi (e.g. --roi panel:2/6, "
-                '--roi text:"...") or --schedule; for the unsteered model drop the steering '
-                "flags (or pass --strength 0)"
+                f"{', '.join(given)} given, but nothing to steer to: add --roi (e.g. "
+                '--roi panel:2/6, --roi text:"...") or --schedule; for the unsteered model '
+                "drop the steering flags (or pass --strength 0)"
             )
     rois = [("--roi", roi)] + [("--schedule", r) for _, r in schedule]
     dom_targets = _targets(domain)
