@@ -125,3 +125,20 @@ def test_retarget_while_streaming(term):
     assert "[steering off]" in out  # applied during the answer, not queued behind it
     assert "strength=0" in term.command("/stats", "attention nodes edited")
     assert term.close() == 0
+
+
+def test_redirect_in_chat_names_the_domain_command(gemma_path):
+    """The library's "needs domain=" is a Python argument; in chat the fix is /domain."""
+    t = Terminal(["chat", "-m", gemma_path, "-n", "4", "-t", "2", "--chat-format", "gemma"])
+    try:
+        t.read_until("> ")
+        out = t.command("/roi text:'Mary lives in Madrid.'", "[error:")
+        assert "/domain text:" in out and "domain=" not in out
+        t.command("/domain text:'John lives in Berlin. Mary lives in Madrid.'", "[domain")
+        assert "[roi text:" in t.command("/roi text:'Mary lives in Madrid.'", "[roi")
+        t.ask(QUESTION)
+        assert edited(t) > 0
+        assert t.close() == 0
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()

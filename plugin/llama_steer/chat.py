@@ -9,6 +9,8 @@ the next token on):
     /mode MODE       bias | shift | redirect | emphasize
     /strength S      logit units
     /focus F         content (image ROIs: only the tokens showing something) | none
+    /domain SPEC     for redirect: what to suppress while the ROI is boosted (ROI grammar;
+                     image ROIs default to their image), /domain alone clears it
     /off, /on        steering off (strength 0) / back on
     /heads SPEC      all, or L0H3,L2H1
     /image PATH      attach an image to the next message
@@ -63,6 +65,9 @@ class Session:
                 st.update(strength=float(arg))
                 self.saved_strength = st.strength or self.saved_strength
                 self.say(f"[strength {st.strength:g}]")
+            elif name == "domain":
+                st.update(domain=arg or None)
+                self.say(f"[domain {arg or 'none'}]")
             elif name == "focus":
                 st.update(focus=None if arg in ("", "none") else arg)
                 self.say(f"[focus {arg or 'none'}]")
@@ -94,7 +99,7 @@ class Session:
             else:
                 self.say(f"[unknown command /{name}: /help lists them]")
         except (SteeringError, ValueError) as e:
-            self.say(f"[error: {e}]")
+            self.say(f"[error: {_in_chat_words(e)}]")
         return True
 
     def turn(self, text: str, inbox: queue.Queue) -> list[str]:
@@ -127,14 +132,32 @@ class Session:
                     else:
                         print(file=self.out)
                         self.command(line)
-        except SteeringError as e:
-            self.say(f"\n[error: {e}]")
+        except ValueError as e:  # SteeringError, or llama-cpp-python's (context full, ...)
+            from llama_steer.cli import _ctx_error
+
+            err = _ctx_error(e, self) if not isinstance(e, SteeringError) else None
+            if err is None and not isinstance(e, SteeringError):
+                raise
+            self.say(f"\n[error: {err or _in_chat_words(e)}]")
             return later
         print(file=self.out, flush=True)
         self.history += [msg, {"role": "assistant", "content": "".join(reply)}]
         return later
 
     max_tokens = 128
+    ctx_size = 2048
+    n_predict = 128
+
+
+def _in_chat_words(e: Exception) -> str:
+    """The library names its Python arguments; here the fix is a chat command."""
+    msg = str(e)
+    if "needs domain=" in msg:
+        return (
+            "redirect boosts the ROI and suppresses a domain, which a text ROI does not imply: "
+            "/domain text:'<all the facts>' first, or /mode bias"
+        )
+    return msg
 
 
 def _reader(inbox: queue.Queue) -> None:
@@ -144,7 +167,15 @@ def _reader(inbox: queue.Queue) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_steer.cli import add_model_args, add_steer_args, load, make_steering
+    from llama_steer.cli import (
+        add_model_args,
+        add_steer_args,
+        install_warning_format,
+        load,
+        make_steering,
+    )
+
+    install_warning_format()
 
     p = argparse.ArgumentParser(
         prog="llama-steer chat",
@@ -159,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     steering, _ = make_steering(args)
     llm, _ = load(args, steering)
     s = Session(llm, steering)
-    s.max_tokens = args.n_predict
+    s.max_tokens = s.n_predict = args.n_predict
+    s.ctx_size = args.ctx_size
     s.images = list(args.image)
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(inbox,), daemon=True).start()

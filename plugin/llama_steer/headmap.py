@@ -7,12 +7,14 @@
     Headmap.check_model(path)   refuse a headmap made for another model
     ModelIdentity ....... architecture, n_layer, n_head, n_head_kv, GGUF header fingerprint
     HeadmapError ........ a bad file; the message names the bad key
+    NotAHeadmap ......... a plain ranking given where a headmap is expected (convert it)
+    convert_command() ... the scripts/convert_headmap.py command line that converts a ranking
 
 Schema (version 1, JSON)::
 
     {"version": 1,
      "model": {"architecture": "qwen2vl", "n_layer": 6, "n_head": 8, "n_head_kv": 2,
-               "fingerprint": "<sha256 of the GGUF header>", "name": "..."},
+               "fingerprint": "<sha256 of the GGUF header>" or null, "name": "..."},
      "method": {"name": "gaze", "command": "...", ...free-form parameters...},
      "heads": [{"layer": 3, "head": 5, "score": 0.41}, ...],     best first
      "scores": [[...n_head...], ...n_layer...] or null,          the full matrix
@@ -21,12 +23,16 @@ Schema (version 1, JSON)::
 ``defaults`` (all optional) are what the CLI uses when a flag is not given: top_k (int), mode
 (str, a steering mode), strength (number), decode_only (bool), focus (null or "content").
 A key left out takes its value from ``RECOMMENDED`` (the gaze-heads recipe).
+
+A null (or absent) fingerprint means the map was made without the GGUF at hand (converted from
+a published ranking, the shape given by hand): it matches a model by architecture and shape.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,13 +40,50 @@ import numpy as np
 
 from llama_steer._errors import SteeringError
 
-__all__ = ["RECOMMENDED", "HeadScore", "Headmap", "HeadmapError", "ModelIdentity"]
+__all__ = [
+    "RECOMMENDED",
+    "HeadScore",
+    "Headmap",
+    "HeadmapError",
+    "ModelIdentity",
+    "NotAHeadmap",
+    "convert_command",
+]
 
 VERSION = 1
 
 
 class HeadmapError(SteeringError):
     """A headmap that cannot be used; the message names the key or the mismatch."""
+
+
+class NotAHeadmap(HeadmapError):
+    """A plain ranking (a list of {layer, head, score}) where a headmap is expected; ``path``
+    is the file, so a caller that knows the model can give the exact conversion command."""
+
+    def __init__(self, path: str | Path, model: str | None = None):
+        self.path = str(path)
+        super().__init__(
+            f"{path} is a plain ranking (a list of {{layer, head, score}}), not a llama-steer "
+            "headmap (a JSON object with version 1 and the model it is for): convert it with\n"
+            f"    {convert_command(path, model)}"
+        )
+
+
+def convert_command(source: str | Path, model: str | None = None) -> str:
+    """The command line that turns the ranking ``source`` into a headmap for ``model``."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "convert_headmap.py"
+    script = script if script.exists() else Path("scripts/convert_headmap.py")  # an sdist
+    src = Path(source)
+    out = src.with_name(src.stem + ".headmap.json")
+    target = (
+        f"--model {shlex.quote(str(model))}"
+        if model
+        else "--model MODEL.gguf (or, without the GGUF: --arch A --n-layer L --n-head H "
+        "--n-head-kv K --name NAME)"
+    )
+    q = shlex.quote
+    return f"python {q(str(script))} {q(str(src))} {target} -o {q(str(out))}"
 
 
 def _need(d: dict, key: str, kind, where: str):
@@ -99,15 +142,21 @@ class ModelIdentity:
     n_layer: int
     n_head: int
     n_head_kv: int
-    fingerprint: str = ""
+    # sha256 of the GGUF header; "" or None: not known (a map made without the GGUF), then a
+    # model matches by architecture and shape
+    fingerprint: str | None = ""
     name: str = ""
 
     @classmethod
     def of_gguf(cls, path: str | Path) -> ModelIdentity:
         """Identity of a GGUF model file, read from its header (no weights loaded)."""
-        from llama_steer._gguf import fingerprint, read_metadata
+        from llama_steer._gguf import GGUFError, check_gguf, fingerprint
 
-        meta = read_metadata(path, max_array=64)
+        try:
+            meta = check_gguf(path)
+        except GGUFError as e:
+            fix = "download it again" if "truncated" in str(e) else "pass the model's .gguf file"
+            raise HeadmapError(f"{e}: {fix}") from None
         arch = meta.get("general.architecture")
         try:
             n_layer = int(meta[f"{arch}.block_count"])
@@ -173,6 +222,8 @@ class Headmap:
     def from_json(cls, data: dict | str) -> Headmap:
         if isinstance(data, str):
             data = json.loads(data)
+        if _is_ranking(data):
+            raise NotAHeadmap("this JSON")
         v = _need(data, "version", int, "")
         if v != VERSION:
             raise HeadmapError(
@@ -187,6 +238,10 @@ class Headmap:
             fingerprint=m.get("fingerprint", ""),
             name=m.get("name", ""),
         )
+        if not isinstance(model.fingerprint, (str, type(None))):
+            raise HeadmapError(
+                f"headmap: key model.'fingerprint' must be str or null, got {model.fingerprint!r}"
+            )
         heads = []
         for i, h in enumerate(_need(data, "heads", list, "")):
             where = f"heads[{i}]."
@@ -223,9 +278,12 @@ class Headmap:
         except OSError as e:
             raise HeadmapError(f"cannot read headmap {path}: {e.strerror}") from None
         try:
-            return cls.from_json(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise HeadmapError(f"headmap {path} is not JSON: {e}") from None
+        if _is_ranking(data):
+            raise NotAHeadmap(path)
+        return cls.from_json(data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -241,7 +299,16 @@ class Headmap:
 
     # -- head sets --------------------------------------------------------------------------
     def top(self, k: int) -> list[tuple[int, int]]:
-        self._check_k(k)
+        if not self.heads:
+            raise HeadmapError(
+                "this headmap lists no heads ('heads' is empty): regenerate it with "
+                "`llama-steer score ... -o FILE`, or convert a ranking with "
+                "scripts/convert_headmap.py"
+            )
+        if not isinstance(k, int) or not 1 <= k <= len(self.heads):
+            raise HeadmapError(
+                f"top_k={k!r}: choose 1..{len(self.heads)} (heads listed in this headmap)"
+            )
         return [(h.layer, h.head) for h in self.heads[:k]]
 
     def bottom(self, k: int) -> list[tuple[int, int]]:
@@ -279,8 +346,9 @@ class Headmap:
     # -- model check ------------------------------------------------------------------------
     def check_model(self, gguf: str | Path, strict: bool = True) -> list[str]:
         """Refuse a headmap whose n_layer/n_head differ from the GGUF's; return warnings
-        (a different fingerprint: same shape, other weights). ``strict`` turns those into
-        errors too."""
+        (a different fingerprint: same shape, other weights; without a fingerprint, another
+        architecture). ``strict`` turns those into errors too. A map without a fingerprint
+        whose architecture and shape agree matches without a warning."""
         other = ModelIdentity.of_gguf(gguf)
         m = self.model
         if (m.n_layer, m.n_head) != (other.n_layer, other.n_head):
@@ -300,10 +368,35 @@ class Headmap:
             if strict:
                 raise HeadmapError(msg + "; pass strict=False to use it anyway")
             warnings.append(msg)
+        if not m.fingerprint and m.architecture != other.architecture:
+            msg = (
+                f"this headmap is for a {m.architecture} model"
+                f"{' (' + m.name + ')' if m.name else ''} of the same shape, but {gguf} is "
+                f"{other.architecture}: heads may not transfer"
+            )
+            if strict:
+                raise HeadmapError(msg + "; pass strict=False to use it anyway")
+            warnings.append(msg)
         return warnings
 
 
+def _is_ranking(data) -> bool:
+    """A ranking in the gaze-heads code's shape: a list of heads, or {"heads": [...]} without
+    a version (what convert() reads; a headmap is an object with a version)."""
+    if isinstance(data, list):
+        return True
+    return isinstance(data, dict) and "heads" in data and not {"version", "model"} & set(data)
+
+
 # -- conversion ----------------------------------------------------------------------------
+def _check_shape(have: ModelIdentity, want: ModelIdentity, path) -> None:
+    if (have.n_layer, have.n_head) != (want.n_layer, want.n_head):
+        raise HeadmapError(
+            f"{path} is for a model with {have.n_layer} layers x {have.n_head} heads, not "
+            f"{want.n_layer} x {want.n_head}"
+        )
+
+
 def _read_ranked(path: Path) -> tuple[list[tuple[int, int, float]], np.ndarray | None]:
     """(layer, head, score) triples from a ranking file, or a score matrix from .npy."""
     import csv
@@ -311,13 +404,24 @@ def _read_ranked(path: Path) -> tuple[list[tuple[int, int, float]], np.ndarray |
 
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        m = np.load(path)
+        try:
+            m = np.load(path)
+        except (ValueError, OSError, EOFError) as e:
+            raise HeadmapError(f"{path} is not a readable .npy array ({e})") from None
+        if not isinstance(m, np.ndarray) or not np.issubdtype(m.dtype, np.number):
+            raise HeadmapError(f"{path}: a score matrix must be a numeric 2-D array")
         if m.ndim != 2 or not np.all(np.isfinite(m)):
             raise HeadmapError(
                 f"{path}: a score matrix must be a finite 2-D array (layers x heads)"
             )
         return [], m.astype(float)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise HeadmapError(
+            f"{path} is not text: expected a ranking JSON list of {{layer, head, score}}, a "
+            "CSV, L20H3-style names, or a .npy matrix"
+        ) from None
     if suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         if not rows or not {"layer", "head"} <= set(rows[0]):
@@ -362,30 +466,51 @@ def _read_ranked(path: Path) -> tuple[list[tuple[int, int, float]], np.ndarray |
 
 def convert(
     source: str | Path,
-    model: str | Path | None = None,
+    model: str | Path | ModelIdentity | None = None,
     top_k: int | None = None,
     merge: str | Path | None = None,
     method: dict | None = None,
 ) -> Headmap:
-    """A Headmap from another format (see scripts/convert_headmap.py), checked against the
-    GGUF ``model`` when given (required for lists, whose files do not name the model)."""
+    """A Headmap from another format (see scripts/convert_headmap.py), checked against
+    ``model`` when given (required for lists, whose files do not name the model): a GGUF
+    path, or a ModelIdentity for a model not at hand (its shape and name, no fingerprint:
+    the map then matches models by architecture and shape). ``method`` entries are recorded
+    in the map's method block (attribution: name, source, ...)."""
     path = Path(source)
     if not path.exists():
         raise HeadmapError(f"{path}: no such file")
-    if path.suffix.lower() == ".json" and '"version"' in path.read_text()[:200]:
+    if path.is_dir():
+        raise HeadmapError(f"{path} is a directory: pass the ranking file")
+    ident = None
+    if isinstance(model, ModelIdentity):
+        ident, model = model, None
+    elif model is not None:
+        ident = ModelIdentity.of_gguf(model)
+    try:
+        head = path.read_bytes()[:200].decode("utf-8", "replace")
+    except OSError as e:
+        raise HeadmapError(f"cannot read {path}: {e.strerror}") from None
+    if path.suffix.lower() == ".json" and '"version"' in head:
         hm = Headmap.load(path)
         if model is not None:
             hm.check_model(model, strict=False)
-            hm = Headmap(ModelIdentity.of_gguf(model), hm.heads, hm.method, hm.scores, hm.defaults)
+        if ident is not None:
+            _check_shape(hm.model, ident, path)
+            hm = Headmap(ident, hm.heads, hm.method, hm.scores, hm.defaults)
+        if method:
+            hm = Headmap(hm.model, hm.heads, dict(hm.method, **method), hm.scores, hm.defaults)
     else:
         triples, matrix = _read_ranked(path)
-        ident = ModelIdentity.of_gguf(model) if model is not None else None
         if matrix is not None:
             if ident is None:
-                raise HeadmapError(f"{path}: pass --model model.gguf (the GGUF it scores)")
+                raise HeadmapError(
+                    f"{path}: pass --model model.gguf (the GGUF it scores), or its shape "
+                    "(--arch, --n-layer, --n-head, --n-head-kv)"
+                )
             if matrix.shape != (ident.n_layer, ident.n_head):
                 raise HeadmapError(
-                    f"{path}: matrix is {matrix.shape[0]} x {matrix.shape[1]} but {model} has "
+                    f"{path}: matrix is {matrix.shape[0]} x {matrix.shape[1]} but "
+                    f"{model or ident.name or ident.architecture} has "
                     f"{ident.n_layer} layers x {ident.n_head} heads"
                 )
             order = np.argsort(-matrix, axis=None, kind="stable")
@@ -395,7 +520,9 @@ def convert(
         else:
             if ident is None:
                 raise HeadmapError(
-                    f"{path} does not say which model it is for: pass --model model.gguf"
+                    f"{path} does not say which model it is for: pass --model model.gguf, or "
+                    "its shape without the GGUF (--arch, --n-layer, --n-head, --n-head-kv, "
+                    "--name)"
                 )
             if not triples:
                 raise HeadmapError(f"{path}: no heads in it")
@@ -416,7 +543,8 @@ def convert(
             {"top_k": min(10, len(heads)), "mode": "redirect", "strength": 8.0},
         )
     if merge is not None:
-        other = convert(merge, model=model)
+        # a ranking to merge names no model: it is for the first map's (the same shape)
+        other = convert(merge, model=model if model is not None else hm.model)
         if (other.model.n_layer, other.model.n_head) != (hm.model.n_layer, hm.model.n_head):
             raise HeadmapError(f"cannot merge {merge}: it is for another model shape")
 
