@@ -102,8 +102,8 @@ def test_heads_and_headmap_together_are_refused(gemma_path):
         Steering(heads=[(1, 1)], headmap=hm, roi=MARY)
     # a headmap given as its parsed JSON works; a wrong type is a SteeringError, not TypeError
     assert Steering(headmap=hm.to_json(), roi=MARY).heads == ((5, 1),)
-    with pytest.raises(SteeringError, match="missing key 'version'"):
-        Steering(headmap={"heads": []}, roi=MARY)
+    with pytest.raises(SteeringError, match="missing key 'model'"):
+        Steering(headmap={"version": 1, "heads": []}, roi=MARY)
     with pytest.raises(SteeringError, match="pass a Headmap, a path"):
         Steering(headmap=42, roi=MARY)
     empty = gemma_headmap(gemma_path, [])
