@@ -15,7 +15,6 @@ Per family, against the real runtime:
 - R1-style models: a chat through the <think> template, steered and not, stays finite.
 """
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -23,8 +22,17 @@ import llama_cpp
 import numpy as np
 import pytest
 
-import llama_steer
-from llama_steer import Box, ImageTokens, Llama, Panel, Steering, Text, Tokens, _native
+from llama_steer import (
+    Box,
+    ImageTokens,
+    Llama,
+    Panel,
+    Steering,
+    Text,
+    Tokens,
+    _native,
+    guarded_load,
+)
 from llama_steer._gguf import read_metadata
 from llama_steer.cli import user_message
 from llama_steer.roi import resolve
@@ -34,6 +42,7 @@ FIXTURES = Path(__file__).resolve().parent / "data" / "fixtures"
 TEXT = ["qwen2", "llama", "deepseek3"]
 VLM = ["qwen3vl", "qwen25vl", "gemma3"]
 ALL = TEXT + VLM
+N_IMAGE = {"qwen3vl": 60, "qwen25vl": 77, "gemma3": 256}  # 320x200: 10x6, 11x7, 16x16
 PROMPT = "Is there a red star? a blue circle and a green square. What is in panel 2?"
 SPAN = "a blue circle and a green square."
 
@@ -44,12 +53,6 @@ def gguf(name: str) -> str:
 
 def mmproj(name: str) -> str:
     return str(FIXTURES / f"mmproj-{name}-f16.gguf")
-
-
-def plain_load():
-    """The AMX guard for plain llama_cpp loads, once llama_steer has it (DeepSeek's fixture
-    aborts at load on AMX CPUs without it; llama_steer.Llama applies it itself)."""
-    return getattr(llama_steer, "guarded_load", None) or contextlib.nullcontext
 
 
 @pytest.fixture
@@ -65,7 +68,7 @@ def load():
         if name in VLM:
             kw["chat_handler"] = MTMDChatHandler(clip_model_path=mmproj(name), verbose=False)
         if plain:
-            with plain_load()():
+            with guarded_load():  # the AMX guard llama_steer.Llama applies (DeepSeek aborts)
                 llm = llama_cpp.Llama(**kw)
         else:
             llm = Llama(steering=steering, **kw)
@@ -149,7 +152,10 @@ def test_one_steered_layer_equals_the_softmax_reference(load, name):
     rng = np.random.default_rng(7)
     for layer in sorted({0, 2 if name == "gemma3" else 1, n_layer - 1}):  # gemma3: 2 is SWA
         heads = [(layer, 0), (layer, 2)]
-        roi = (ImageTokens(0, 59), Text("What is in panel")) if name in VLM else Text(SPAN)
+        # VLMs: the image's last 60 cells (within Gemma 3's 128-cell sliding window of the
+        # last token) and text before the image (a text ROI after it: see the xfail)
+        n = N_IMAGE.get(name, 0)
+        roi = (ImageTokens(n - 60, n - 1), Tokens(1, 4)) if name in VLM else Text(SPAN)
         st = Steering(heads=heads, roi=roi, mode="bias", strength=0.0)
         llm = load(name, st)
         ask(llm, name)  # unsteered prompt: the cache every observation below shares
@@ -217,7 +223,6 @@ def test_token_canary(load, name):
 
 
 # ------------------------------------------------------------------------- images
-N_IMAGE = {"qwen3vl": 60, "qwen25vl": 77, "gemma3": 256}  # 320x200: 10x6, 11x7, 16x16
 
 
 @pytest.mark.parametrize("name", VLM)
@@ -239,6 +244,21 @@ def test_image_cells_canary(load, name):
     _, la = ask(llm, name, a)
     _, lb = ask(llm, name, b)
     assert np.abs(la - lb).max() > 1e-4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="llama.py eval() republishes when n_past == 0, which in a chat is the mtmd "
+    "handler's first text chunk: the ROI is resolved against that chunk alone, so a Text ROI "
+    "in the question after the image is 'not in the prompt' (regression of 62422bc)",
+)
+def test_text_roi_after_the_image_in_a_chat(load):
+    st = Steering(heads="all", roi=Text("What is in panel"), mode="bias", strength=2.0)
+    llm = load("qwen3vl", st)
+    ask(llm, "qwen3vl")
+    seq = llm._steer_seq()
+    cells, _ = resolve(st.roi, seq)
+    np.testing.assert_array_equal(np.nonzero(st._published[1])[0], cells)
 
 
 def hand_grid(name, w, h):
