@@ -153,7 +153,7 @@ def test_one_steered_layer_equals_the_softmax_reference(load, name):
     for layer in sorted({0, 2 if name == "gemma3" else 1, n_layer - 1}):  # gemma3: 2 is SWA
         heads = [(layer, 0), (layer, 2)]
         # VLMs: the image's last 60 cells (within Gemma 3's 128-cell sliding window of the
-        # last token) and text before the image (a text ROI after it: see the xfail)
+        # last token) and text before the image
         n = N_IMAGE.get(name, 0)
         roi = (ImageTokens(n - 60, n - 1), Tokens(1, 4)) if name in VLM else Text(SPAN)
         st = Steering(heads=heads, roi=roi, mode="bias", strength=0.0)
@@ -246,13 +246,10 @@ def test_image_cells_canary(load, name):
     assert np.abs(la - lb).max() > 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="llama.py eval() republishes when n_past == 0, which in a chat is the mtmd "
-    "handler's first text chunk: the ROI is resolved against that chunk alone, so a Text ROI "
-    "in the question after the image is 'not in the prompt' (regression of 62422bc)",
-)
 def test_text_roi_after_the_image_in_a_chat(load):
+    """The chat's whole layout is published before its chunks run: a Text ROI in the
+    question after the image resolves (the handler's first text chunk alone must not be
+    taken for a new raw prompt)."""
     st = Steering(heads="all", roi=Text("What is in panel"), mode="bias", strength=2.0)
     llm = load("qwen3vl", st)
     ask(llm, "qwen3vl")
