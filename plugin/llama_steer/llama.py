@@ -160,6 +160,9 @@ class _MtmdWatch:
             g = self._geometry.grid(w, h)
             if (g.nx, g.ny) == (nx, ny):
                 return g
+            # without M-RoPE mtmd reports a fixed grid flat (nx = n_tokens, ny = 1)
+            if self._geometry.flat and (nx, ny) == (g.n_tokens, 1):
+                return g
         # the resize rule is unknown or disagrees with mtmd: keep mtmd's grid, and mark the
         # pixel mapping unusable (align 0) so box/panel ROIs refuse instead of guessing
         why = self._unmapped or (

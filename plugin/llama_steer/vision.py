@@ -15,6 +15,15 @@ A token belongs to a box when at least half of its area (in original-image pixel
 excluded) lies inside the box; a box smaller than that selects the one token under its centre.
 The grid predicted here is checked against the nx x ny that mtmd actually produced.
 
+Gemma 3 (projector ``gemma3``, mtmd's "fixed_size" preprocessor): every image is fitted, aspect
+ratio kept, into one image_size x image_size canvas (896 px), centred, padded with black
+(PAD_CEIL: fitted side = ceil(side * scale) in float32, offset = floor(free / 2)); the vision
+tower's 64 x 64 patches are average-pooled by the projector's scale factor (4) to a fixed
+16 x 16 = 256 token grid, row-major, each token a 56 x 56 canvas square. (Hugging Face's
+Gemma3ImageProcessor stretches the image to the square instead; llama.cpp letterboxes, and
+llama-steer follows what the runtime does.) mtmd reports such grids flat (nx = 256, ny = 1: it
+needs no 2-D shape without M-RoPE), so the check is on the token count.
+
 Content focus (``content_tokens``): within a region, the background is its most common colour
 (RGB quantised to 16 levels per channel); a pixel shows content when it differs from that
 colour by more than 60 (sum of |dR|+|dG|+|dB|, 0..765); a token is kept when at least 15% of
@@ -45,6 +54,12 @@ _DYN_SIZE = {
     "qwen3vl_merger": (8, 4096),
 }
 
+# projectors with mtmd's "fixed_size" preprocessor: one square canvas of clip.vision.image_size
+# and a fixed grid, pooled by clip.vision.projector.scale_factor (default: mtmd's value)
+_FIXED_SIZE = {
+    "gemma3": 4,
+}
+
 # named regions as fractions of the original image (x0, y0, x1, y1)
 NAMED_REGIONS = {
     "left": (0.0, 0.0, 0.5, 1.0),
@@ -72,21 +87,39 @@ class Geometry:
     merge: int
     min_tokens: int
     max_tokens: int
+    fixed_size: int = 0  # side of the one square canvas (fixed_size projectors), else 0
 
     @property
     def align(self) -> int:
         """Pixels per merged image token side on the resized canvas."""
         return self.patch_size * self.merge
 
+    @property
+    def flat(self) -> bool:
+        """mtmd reports this projector's grid as nx = n_tokens, ny = 1 (no M-RoPE)."""
+        return self.fixed_size > 0
+
     @classmethod
     def from_mmproj(cls, path: str | Path) -> Geometry:
         meta = read_metadata(path)
         proj = meta.get("clip.projector_type")
+        if proj in _FIXED_SIZE:
+            side = int(meta["clip.vision.image_size"])
+            patch = int(meta["clip.vision.patch_size"])
+            merge = int(meta.get("clip.vision.projector.scale_factor", _FIXED_SIZE[proj]))
+            if side % (patch * merge):
+                raise GeometryError(
+                    f"{path}: canvas {side} px is not a whole number of {patch * merge}-px "
+                    "tokens; pixel ROIs are unavailable, use image-token ranges such as 50:99"
+                )
+            n = (side // (patch * merge)) ** 2
+            return cls(proj, patch, merge, n, n, fixed_size=side)
         if proj not in _DYN_SIZE:
+            known = ", ".join(sorted([*_DYN_SIZE, *_FIXED_SIZE]))
             raise GeometryError(
                 f"pixel ROIs (box:, panel:, named regions, saliency:) need the projector's "
                 f"resize rule, and llama-steer does not map projector {proj!r} (of "
-                f"{Path(path).name}; supported: {', '.join(sorted(_DYN_SIZE))}): use "
+                f"{Path(path).name}; supported: {known}): use "
                 "image-token ranges such as 50:99 instead, which work with any projector"
             )
         lo, hi = _DYN_SIZE[proj]
@@ -99,7 +132,10 @@ class Geometry:
         )
 
     def canvas(self, width: int, height: int) -> tuple[int, int]:
-        """Resized canvas (w, h) for an image of (width, height): mtmd's smart resize."""
+        """Resized canvas (w, h) for an image of (width, height): mtmd's smart resize, or
+        the fixed square of a fixed_size projector."""
+        if self.fixed_size:
+            return self.fixed_size, self.fixed_size
         a = self.align
         min_px = self.min_tokens * a * a
         max_px = self.max_tokens * a * a
@@ -122,9 +158,11 @@ class Geometry:
         if width <= 0 or height <= 0:
             raise GeometryError(f"image size {width}x{height} is empty")
         cw, ch = self.canvas(width, height)
-        scale = min(cw / width, ch / height)
-        new_w = min(int(math.ceil(width * scale)), cw)
-        new_h = min(int(math.ceil(height * scale)), ch)
+        # mtmd's PAD_CEIL letterbox, in its float32 arithmetic (float64 can ceil differently)
+        f32 = np.float32
+        scale = min(f32(cw) / f32(width), f32(ch) / f32(height))
+        new_w = min(int(math.ceil(f32(width) * scale)), cw)
+        new_h = min(int(math.ceil(f32(height) * scale)), ch)
         return ImageGrid(
             width=width,
             height=height,
