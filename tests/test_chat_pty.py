@@ -128,8 +128,12 @@ def test_retarget_while_streaming(term):
 
 
 def test_redirect_in_chat_names_the_domain_command(gemma_path):
-    """The library's "needs domain=" is a Python argument; in chat the fix is /domain."""
-    t = Terminal(["chat", "-m", gemma_path, "-n", "4", "-t", "2", "--chat-format", "gemma"])
+    """The library names Python's domain=; in chat the fix is /domain. (Without --mode a
+    text ROI gets mode bias, which needs no domain.)"""
+    t = Terminal(
+        ["chat", "-m", gemma_path, "-n", "4", "-t", "2", "--chat-format", "gemma"]
+        + ["--mode", "redirect"]
+    )
     try:
         t.read_until("> ")
         out = t.command("/roi text:'Mary lives in Madrid.'", "[error:")

@@ -220,7 +220,10 @@ def test_headmap_help_and_a_plain_ranking(tmp_path, organism):
         (["--roi", "panel:2/6", "--schedule", "0:panel:3/6"], r"--roi .* and --schedule's first"),
         (["--roi", "text:'panel'", "--focus", "content", "--mode", "bias"], r"text only: drop"),
         (["--schedule", "3:text:'panel'", "--focus", "content", "--mode", "bias"], "text only"),
-        (["--roi", "panel:2/6", "--schedule", "3:text:'panel'"], r"add --domain ROI"),
+        (
+            ["--roi", "panel:2/6", "--schedule", "3:text:'panel'", "--mode", "redirect"],
+            r"add --domain ROI",
+        ),
     ],
 )
 def test_refused_instead_of_ignored(flags, msg):
@@ -274,11 +277,13 @@ def test_temperature_and_schedule_parsers_never_crash(text):
 # -- 5. messages in the CLI's words ---------------------------------------------------------
 def test_redirect_with_a_text_roi_names_the_domain_flag(gemma_path):
     roi = "text:'Mary lives in Madrid.'"
-    r = run_cli("-m", gemma_path, "-p", PROMPT, "--roi", roi, "-n", "2")
+    # (without --mode a text ROI is steered with mode bias, which needs no domain)
+    r = run_cli("-m", gemma_path, "-p", PROMPT, "--roi", roi, "-n", "2", "--mode", "redirect")
     refused(r, r"add --domain ROI")
     assert "domain=" not in r.stderr
     facts = "text:'John lives in Berlin. Mary lives in Madrid.'"
     base = ["-m", gemma_path, "-p", PROMPT, "-n", "2", "-t", "2", "--roi", roi]
+    base += ["--mode", "redirect"]
     away = run_cli(*base, "--domain", facts, "--strength", "-8")
     assert away.returncode == 0, away.stderr
     assert away.stdout.strip().startswith("Berlin")  # the domain took the suppressed weight

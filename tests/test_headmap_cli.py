@@ -11,7 +11,8 @@ import pytest
 from conftest import PROMPT, run_cli
 
 from llama_steer import Steering, SteeringError
-from llama_steer.cli import CliError, parse_heads, parse_schedule
+from llama_steer.cli import CliError, parse_schedule
+from llama_steer.config import parse_heads
 from llama_steer.headmap import (
     RECOMMENDED,
     Headmap,
@@ -107,9 +108,11 @@ def test_headmap_for_another_model_is_refused(gemma_path, tmp_path, make_llm):
 
 def test_cli_parsers():
     assert parse_heads("all") == "all"
-    assert parse_heads("L0H3,l2h1") == [(0, 3), (2, 1)]
-    assert parse_heads("0:3, 2:1") == [(0, 3), (2, 1)]
-    with pytest.raises(CliError, match="L0H3"):
+    assert parse_heads("L0H3,l2h1") == ((0, 3), (2, 1))
+    assert parse_heads("0:3, 2:1") == ((0, 3), (2, 1))
+    assert parse_heads("top:12") == ("top", 12)
+    assert parse_heads("layers:2-4") == "layers:2-4"
+    with pytest.raises(SteeringError, match="L3H5"):
         parse_heads("zero")
     assert parse_schedule("0:panel:1/6,12:panel:4/6") == [(0, "panel:1/6"), (12, "panel:4/6")]
     assert parse_schedule("0:box:1,2,30,40,5:left") == [(0, "box:1,2,30,40"), (5, "left")]

@@ -383,7 +383,7 @@ def test_steering_input_errors_name_the_fix():
         Steering(strength=float("inf"))
     with pytest.raises(SteeringError, match="exceeds"):
         Steering(strength=1e9)
-    with pytest.raises(SteeringError, match="needs domain"):
+    with pytest.raises(SteeringError, match="needs a domain"):
         Steering(mode="redirect", roi=Tokens(0, 2))
     with pytest.raises(SteeringError, match="needs weights"):
         Steering(mode="shift", roi=Tokens(0, 2))

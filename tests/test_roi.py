@@ -12,6 +12,7 @@ from llama_steer import (
     Region,
     Saliency,
     Steering,
+    SteeringConfig,
     SteeringError,
     Text,
     parse_roi,
@@ -228,9 +229,9 @@ def test_show_grid_marks_the_roi_and_its_focus(organism, tmp_path):
     Image.fromarray(img).save(tmp_path / "s.png")
     out = io.StringIO()
     roi, png = "panel:2@2x3", [str(tmp_path / "s.png")]
-    show_grid(organism[1], png, roi, Steering(roi=roi), out=out)
+    show_grid(organism[1], png, roi, SteeringConfig(roi=roi).resolve(), out=out)
     assert "9 tokens: [3, 4, 5, 12, 13, 14, 21, 22, 23]" in out.getvalue()
     out = io.StringIO()
-    show_grid(organism[1], png, roi, Steering(roi=roi, focus="content"), out=out)
+    show_grid(organism[1], png, roi, SteeringConfig(roi=roi, focus="content").resolve(), out=out)
     assert "4 tokens: [12, 13, 21, 22]" in out.getvalue()
     assert "      9 ...##...." in out.getvalue()

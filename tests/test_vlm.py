@@ -20,6 +20,7 @@ from llama_steer import (
     Llama,
     Panel,
     Steering,
+    SteeringConfig,
     SteeringError,
     comics,
     guarded_load,
@@ -213,9 +214,9 @@ def test_a_repeated_chat_prompt_is_resolved_once(vlm, monkeypatch):
     llm.create_chat_completion(m, max_tokens=2, temperature=0)
     llm.input_ids[:] = 7  # stale ids wherever the next prompt does not write
     calls = []
-    compute = Steering._compute_bias
+    compute = SteeringConfig.bias
     monkeypatch.setattr(
-        Steering, "_compute_bias", lambda self, seq: calls.append(1) or compute(self, seq)
+        SteeringConfig, "bias", lambda self, seq: calls.append(1) or compute(self, seq)
     )
     llm.create_chat_completion(m, max_tokens=2, temperature=0)
     assert calls == []

@@ -45,7 +45,6 @@ class Session:
 
     def command(self, line: str) -> bool:
         """Apply a /command; False for /quit."""
-        from llama_steer.cli import parse_heads
 
         name, _, arg = line[1:].strip().partition(" ")
         arg = arg.strip()
@@ -69,7 +68,7 @@ class Session:
                 st.update(domain=arg or None)
                 self.say(f"[domain {arg or 'none'}]")
             elif name == "focus":
-                st.update(focus=None if arg in ("", "none") else arg)
+                st.update(focus=arg or "none")
                 self.say(f"[focus {arg or 'none'}]")
             elif name == "off":
                 if st.strength:
@@ -80,12 +79,12 @@ class Session:
                 st.update(strength=self.saved_strength)
                 self.say(f"[steering on, strength {self.saved_strength:g}]")
             elif name == "heads":
-                st.update(heads=parse_heads(arg or "all"))
+                st.update(heads=arg or "all")  # the heads grammar: config.parse_heads
                 self.say(f"[heads {arg or 'all'}]")
             elif name == "image":
-                from llama_steer.cli import data_uri
+                from llama_steer.messages import data_uri
 
-                data_uri(arg)  # exists?
+                data_uri(arg, "/image")  # a readable image?
                 self.images.append(arg)
                 self.say(f"[image {arg} goes with the next message]")
             elif name == "stats":
@@ -152,7 +151,7 @@ class Session:
 def _in_chat_words(e: Exception) -> str:
     """The library names its Python arguments; here the fix is a chat command."""
     msg = str(e)
-    if "needs domain=" in msg:
+    if getattr(e, "field", None) == "domain":
         return (
             "redirect boosts the ROI and suppresses a domain, which a text ROI does not imply: "
             "/domain text:'<all the facts>' first, or /mode bias"

@@ -13,17 +13,15 @@ Exit codes: 0 done; 2 bad input (message names the fix); 1 the model or runtime 
 from __future__ import annotations
 
 import argparse
-import base64
 import ctypes
-import io
 import math
-import mimetypes
 import os
 import re
 import sys
 import warnings
 from pathlib import Path
 
+from llama_steer import messages
 from llama_steer._errors import SteeringError
 from llama_steer.steering import MODES
 
@@ -178,23 +176,6 @@ def add_steer_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_heads(spec: str | None):
-    """--heads -> Steering(heads=...)."""
-    if spec is None or spec == "all":
-        return "all"
-    if re.fullmatch(r"layers:\d+(-\d+)?", spec):
-        return spec
-    pairs = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*[lL](\d+)[hH](\d+)\s*", part) or re.fullmatch(
-            r"\s*(\d+):(\d+)\s*", part
-        )
-        if not m:
-            raise CliError(f"--heads {spec!r}: write all, or layer/head pairs like L0H3,L2H1")
-        pairs.append((int(m.group(1)), int(m.group(2))))
-    return pairs
-
-
 def parse_schedule(spec: str) -> list[tuple[int, str]]:
     """'0:panel:1/6,12:panel:4/6' -> [(0, 'panel:1/6'), (12, 'panel:4/6')]."""
     if not spec.strip():
@@ -249,64 +230,12 @@ def check_gguf_file(path: str, flag: str, projector: bool) -> None:
         )
 
 
-# formats llama.cpp's image loader (stb_image) decodes; Pillow reads more (WebP, TIFF, ...):
-# those are decoded here and handed over as PNG
-_STB_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "PPM", "TGA"}
-_STB_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"}
-
-
-def _open_image(path: str, flag: str = "--image"):
-    """Pillow's lazy open (header only), or CliError naming what is wrong and the fix."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.exists():
-        raise CliError(f"{flag} {path}: no such file")
-    if p.is_dir():
-        raise CliError(f"{flag} {path} is a directory: pass an image file (PNG, JPEG, ...)")
-    try:
-        if p.stat().st_size == 0:
-            raise CliError(f"{flag} {path} is empty (0 bytes): pass an image file (PNG, JPEG, ...)")
-        # the size is checked against the context before the pixels are decoded (fits_context),
-        # so Pillow's decompression-bomb guard would only stand in the way of that message
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(p)
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
-    except UnidentifiedImageError:
-        raise CliError(
-            f"{flag} {path} is not an image (no known image format): pass a PNG or JPEG file"
-        ) from None
-    except OSError as e:
-        raise CliError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
-
-
 def image_size(path: str, flag: str = "--image") -> tuple[int, int]:
-    with _open_image(path, flag) as im:
-        return im.size
+    return messages.image_size(path, flag)
 
 
 def image_bytes(path: str, flag: str = "--image") -> tuple[bytes, str]:
-    """(bytes, MIME type) of an image file after a full decode (a truncated or corrupt file
-    fails here, not in llama.cpp); re-encoded as PNG when llama.cpp's loader cannot read the
-    format."""
-    from PIL import Image
-
-    im = _open_image(path, flag)
-    with im:
-        try:
-            im.load()
-        except (OSError, ValueError, SyntaxError) as e:
-            raise CliError(
-                f"{flag} {path} is truncated or corrupt ({e}): pass a whole image file"
-            ) from None
-        if im.format in _STB_FORMATS and im.mode in _STB_MODES:
-            mime = mimetypes.guess_type(Path(path).name)[0] or Image.MIME.get(im.format)
-            return Path(path).read_bytes(), mime or "image/png"
-        buf = io.BytesIO()
-        im.convert("RGBA" if "A" in im.mode else "RGB").save(buf, format="PNG")
-        return buf.getvalue(), "image/png"
+    return messages.image_bytes(path, flag)
 
 
 def read_prompt_file(path: str) -> str:
@@ -349,15 +278,10 @@ def check_saliency(targets: tuple, flag: str) -> None:
 
 # -- model ---------------------------------------------------------------------------------
 def embedded_model() -> tuple[str, str]:
-    """The organism shipped in the package (text GGUF, mmproj GGUF);
-    $LLAMA_STEER_ORGANISM_DIR points elsewhere (a retrained pair)."""
-    d = Path(
-        os.environ.get("LLAMA_STEER_ORGANISM_DIR") or Path(__file__).resolve().parent / "models"
-    )
-    m, p = d / "organism-f16.gguf", d / "mmproj-organism-f16.gguf"
-    if not (m.exists() and p.exists()):
-        raise CliError(f"the embedded model is not installed ({d}): pass -m and --mmproj")
-    return str(m), str(p)
+    try:
+        return messages.embedded_model()
+    except SteeringError as e:
+        raise CliError(str(e)) from None
 
 
 def resolve_model(args) -> tuple[str, str | None]:
@@ -407,25 +331,8 @@ def load(args, steering):
     return llm, mmproj
 
 
-def data_uri(path: str) -> str:
-    data, mime = image_bytes(path)
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
 def user_message(text: str, images: list) -> dict:
-    """An OpenAI-style user message: ``images`` (file paths or PIL images) then ``text``."""
-    if not images:
-        return {"role": "user", "content": text}
-
-    def url(i) -> str:
-        if isinstance(i, (str, Path)):
-            return data_uri(str(i))
-        from llama_steer import comics
-
-        return comics.data_uri(i)
-
-    parts = [{"type": "image_url", "image_url": {"url": url(i)}} for i in images]
-    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+    return messages.user_message(text, images, "--image")
 
 
 # -- context: does the prompt fit in -c? ---------------------------------------------------------
@@ -527,9 +434,9 @@ def prompt_tokens(llm, prompt: str, images: list) -> int:
     return len(llm.tokenize(text.encode(), add_bos=False, special=True))
 
 
-def show_grid(mmproj: str, images: list[str], roi: str | None, steering, out=sys.stdout) -> None:
-    """Print each image's token grid; with --roi, mark the tokens ``steering`` targets (#),
-    its focus applied."""
+def show_grid(mmproj: str, images: list[str], roi: str | None, config, out=sys.stdout) -> None:
+    """Print each image's token grid; with --roi, mark the tokens the resolved steering
+    ``config`` targets (#), its focus applied."""
     import numpy as np
     from PIL import Image
 
@@ -547,7 +454,7 @@ def show_grid(mmproj: str, images: list[str], roi: str | None, steering, out=sys
     seq = Seq([0] * cell, [b""] * cell, np.arange(cell), spans)
     marked = set()
     if roi:
-        marked = set(steering._target_cells(seq)[0].tolist())
+        marked = set(config.target_cells(seq)[0].tolist())
     for s in spans:
         print(f"image{s.index} {images[s.index - 1]}: {s.grid.describe()}", file=out)
         if roi:
@@ -605,10 +512,12 @@ def _embedded_or_none():
 
 
 def make_steering(args, one_shot: bool = False):
-    """Steering from the flags; with --headmap, its recommended mode, strength, decode-only
-    and focus fill in the flags not given. Returns (steering, schedule); schedule entries are
-    (after N tokens, roi, focus). ``one_shot``: a single answer (not chat, where /roi comes
-    later), so steering flags without a target are refused."""
+    """Steering from the flags: flags not given stay None and the library decides them (the
+    model's headmap, else its fallback: config.SteeringConfig.resolve), exactly as Python's
+    ``Steering(...)`` does. Returns (steering, schedule); schedule entries are (after N
+    tokens, roi, focus). ``one_shot``: a single answer (not chat, where /roi comes later),
+    so steering flags without a target are refused."""
+    from llama_steer.config import SteeringConfig
     from llama_steer.steering import Steering
 
     roi = args.roi
@@ -620,20 +529,13 @@ def make_steering(args, one_shot: bool = False):
                 "target from the first token: drop --roi, or start --schedule later (N > 0)"
             )
         roi = schedule.pop(0)[1]
-    if args.headmap and args.heads:
-        raise CliError("--heads and --headmap both pick heads: give one")
     hm = _load_headmap(args) if args.headmap else None
-    # no headmap: the plain defaults (redirect at strength 4, prompt and generated tokens)
-    rec = hm.recommended() if hm else dict(mode="redirect", strength=4.0, decode_only=False)
-    heads = dict(headmap=hm, top_k=args.top_k) if hm else dict(heads=parse_heads(args.heads))
-    mode = args.mode or rec["mode"]
-    strength = args.strength if args.strength is not None else float(rec["strength"])
     domain = getattr(args, "domain", None)
-    if one_shot and roi is None and not schedule and mode != "image-boost" and strength != 0:
+    if one_shot and roi is None and not schedule and args.mode != "image-boost":
         given = [
             "--" + f.replace("_", "-") for f in STEER_FLAGS if getattr(args, f, None) is not None
         ]
-        if given:
+        if given and args.strength != 0:
             raise CliError(
                 f"{', '.join(given)} given, but nothing to steer to: add --roi (e.g. "
                 '--roi panel:2/6, --roi text:"...") or --schedule; for the unsteered model '
@@ -642,7 +544,6 @@ def make_steering(args, one_shot: bool = False):
     rois = [("--roi", roi)] + [("--schedule", r) for _, r in schedule]
     dom_targets = _targets(domain)
     check_saliency(dom_targets, "--domain")
-    focus_of = []
     for flag, r in rois:
         t = _targets(r)
         check_saliency(t, flag)
@@ -651,27 +552,28 @@ def make_steering(args, one_shot: bool = False):
                 f"--focus content narrows image ROIs to the tokens that show something, but "
                 f"{flag} {r!r} is text only: drop --focus, or target an image region"
             )
-        if mode == "redirect" and _text_only(t) and not domain:
+        if args.mode == "redirect" and _text_only(t) and not domain:
             raise CliError(
                 f"--mode redirect boosts {flag} {r!r} and suppresses a domain, which a text ROI "
                 'does not imply: add --domain ROI (e.g. --domain text:"<all the facts>"), or '
                 "use --mode bias"
             )
-        # the headmap's focus is for image ROIs: a text ROI goes without it
-        focus = args.focus or (None if _text_only(t) else rec.get("focus"))
-        focus_of.append(None if focus == "none" else focus)
-    steering = Steering(
+    strength = args.strength
+    config = SteeringConfig(
         roi=roi,
-        mode=mode,
+        heads=args.heads,
+        headmap=hm,
+        top_k=args.top_k,
+        mode=args.mode,
         strength=strength,
-        decode_only=args.decode_only if args.decode_only is not None else rec["decode_only"],
-        focus=focus_of[0],
+        decode_only=args.decode_only,
+        focus=args.focus,
         domain=domain,
-        **heads,
     )
-    for (_, r), focus in zip(schedule, focus_of[1:], strict=True):
-        Steering(roi=r, mode=mode, strength=strength, focus=focus, domain=domain)  # fail now
-    return steering, [(n, r, f) for (n, r), f in zip(schedule, focus_of[1:], strict=True)]
+    for _, r in schedule:
+        config.replace(roi=r)  # a bad scheduled ROI fails now, not mid-answer
+    # content focus is decided per target (a text ROI goes without the headmap's focus)
+    return Steering(config), [(n, r, args.focus) for n, r in schedule]
 
 
 def _ctx_error(e: ValueError, args) -> CliError | None:
@@ -696,12 +598,16 @@ def run(args) -> int:
     args._prompt = prompt or ""
     steering, schedule = make_steering(args, one_shot=not args.show_grid or prompt is not None)
     if args.show_grid:
-        _, mmproj = resolve_model(args)
+        model, mmproj = resolve_model(args)
         if not (mmproj and args.image):
             raise CliError("--show-grid needs --mmproj and --image")
         for path in args.image:
             image_bytes(path)
-        show_grid(mmproj, args.image, args.roi, steering)
+        from llama_steer.headmap import ModelIdentity
+
+        # the defaults the model will get (its headmap's focus), without loading it
+        identity = ModelIdentity.of_gguf(model) if model else None
+        show_grid(mmproj, args.image, args.roi, steering.config.resolve(identity))
         if prompt is None:
             return 0
     if prompt is None:

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_steer import _native, comics
+from llama_steer import comics
 from llama_steer._errors import SteeringError
-from llama_steer.cli import user_message
+from llama_steer.messages import user_message
 from llama_steer.metrics import bootstrap_ci, distinct_n, spearman, stutter_rate
 from llama_steer.metrics import kl as kl_
-from llama_steer.score import panel_regions
+from llama_steer.roi import Panel
 
 _COLOUR, _SHAPE = "|".join(comics.COLOURS), "|".join(comics.SHAPES)
 _OBJ = re.compile(rf"\b({_COLOUR})\s+({_SHAPE})\b")
@@ -247,12 +247,9 @@ class Evaluator:
             m = [user_message("Describe the strip.", [img])]
             self._steer(heads, f"panel:{order[0]}@{rows}x{cols}")
             self.llm.create_chat_completion(m, max_tokens=1, temperature=0)  # lays out the image
-            span = self.llm.images[0]
-            seq = self.llm._steer_seq_for([0] * (span.first_pos + span.n_pos), self.llm.images)
-            region = panel_regions(seq, (rows, cols), seq.n_cells + n_tokens + 64)
-            mask = self.steer._heads_mask()
+            panels = [Panel(k, grid=(rows, cols)) for k in range(1, 7)]
             text, targets, attended = [], [], []
-            with self.steer._observing(region, 6, _native.ROWS_LAST):
+            with self.steer.observe(panels) as obs:
                 stream = self.llm.create_chat_completion(
                     m, max_tokens=n_tokens, temperature=0, stream=True
                 )
@@ -261,8 +258,7 @@ class Evaluator:
                     piece = chunk["choices"][0]["delta"].get("content")
                     if piece is None:
                         continue
-                    obs, _ = self.llm._steer_hook.read_obs()
-                    attended.append(int(np.argmax(obs[mask].mean(0))) + 1)
+                    attended.append(int(np.argmax(obs.mass())) + 1)  # steered heads' panel
                     target = order[min(n // every, 5)]
                     text.append(piece)
                     targets.append(target)
@@ -312,14 +308,11 @@ class Evaluator:
 
     def sweep(self, strips, headmap, ks: list[int], strengths: list[float]) -> list[dict]:
         """Narration steered to panels 2..6 for every (k, strength)."""
-        from llama_steer.roi import Panel, resolve
-
         rows_out = []
         base: dict = {}
         for k in ks:
             heads = headmap.top(k)
             self.steer.update(heads=heads, strength=0.0)
-            mask = self.steer._heads_mask()
             for s in strengths:
                 acc, focus, kls, dist = [], [], [], []
                 for i, desc in enumerate(strips):
@@ -327,7 +320,7 @@ class Evaluator:
                     rows, cols = comics.LAYOUTS[desc.layout]
                     if i not in base:
                         self._off()
-                        base[i] = self._probe(img, None, None, mask)
+                        base[i] = self._probe(img)
                     for t in range(2, 7):
                         if desc.panels[t - 1].thing.name == desc.panels[0].thing.name:
                             continue
@@ -340,17 +333,14 @@ class Evaluator:
                             decode_only=self.decode_only,
                             focus=self.focus,
                         )
-                        ans, logits, att = self._probe(img, roi, (rows, cols, t), mask)
+                        ans, logits, att = self._probe(img)
                         b_ans, b_logits, _ = base[i]
                         ok = ans != b_ans and objects_in(ans)[:1] == [desc.panels[t - 1].thing.name]
                         acc.append(float(ok))
                         if logits is not None and b_logits is not None:
                             kls.append(float(kl_(b_logits, logits)))
-                        span = self.llm.images[0]
-                        seq = self.llm._steer_seq_for(
-                            [0] * (span.first_pos + span.n_pos), self.llm.images
-                        )
-                        cells = resolve((Panel(t, grid=(rows, cols)),), seq)[0] - span.first_cell
+                        g = self.llm.images[0].grid
+                        cells = g.box_tokens(*Panel(t, grid=(rows, cols)).box(g.width, g.height))
                         focus.append(
                             float(att[cells].sum() - base[i][2][cells].sum())
                             if base[i][2] is not None
@@ -370,7 +360,7 @@ class Evaluator:
         self._off()
         return rows_out
 
-    def _probe(self, img, roi, target, mask):
+    def _probe(self, img):
         """Answer the ambiguous question; return (answer, logits for the 2nd answer token,
         steered heads' attention per image token at the 2nd answer token)."""
         from llama_cpp._utils import suppress_stdout_stderr
@@ -378,11 +368,8 @@ class Evaluator:
         m = [user_message("What is in this panel?", [img])]
         with suppress_stdout_stderr(disable=self.llm.verbose):
             self.llm.create_chat_completion(m, max_tokens=1, temperature=0)
-        span = self.llm.images[0]
-        region = np.full(span.first_cell + span.grid.n_tokens, -1, dtype=np.int16)
-        region[span.cells] = np.arange(span.grid.n_tokens, dtype=np.int16)
         text, logits, att = [], None, None
-        with self.steer._observing(region, span.grid.n_tokens, _native.ROWS_LAST):
+        with self.steer.observe("image-tokens") as obs:
             with suppress_stdout_stderr(disable=self.llm.verbose):
                 for chunk in self.llm.create_chat_completion(
                     m, max_tokens=self.max_tokens, temperature=0, stream=True
@@ -396,8 +383,7 @@ class Evaluator:
                         logits = np.ctypeslib.as_array(
                             self.llm._ctx.get_logits(), shape=(v,)
                         ).copy()
-                        obs, _ = self.llm._steer_hook.read_obs()
-                        att = obs[mask].mean(0)
+                        att = obs.mass()  # the steered heads, per image token
         return "".join(text).strip(), logits, att
 
     @staticmethod
@@ -626,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     strength = args.strength if args.strength is not None else float(rec["strength"])
     args.model, args.mmproj, args.image = model, mmproj, []
     llm, _ = load(args, Steering(strength=0.0))  # observer only, until steered
-    L = llm._steer_hook.n_layer
+    L = llm.steering.mask.shape[0]
     sets = head_sets(args.sets, hm, seed=args.eval_seed)
     layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]
     base = 5 * 10**9 + 1000 * args.eval_seed  # seeds no training used

@@ -9,6 +9,8 @@
     HeadmapError ........ a bad file; the message names the bad key
     NotAHeadmap ......... a plain ranking given where a headmap is expected (convert it)
     convert_command() ... the scripts/convert_headmap.py command line that converts a ranking
+    find_headmap(model)   the headmap for a model: shipped ones, then the user's directory
+    headmap_dirs() ...... where they are looked up ($LLAMA_STEER_HEADMAPS overrides the user's)
 
 Schema (version 1, JSON)::
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +51,8 @@ __all__ = [
     "ModelIdentity",
     "NotAHeadmap",
     "convert_command",
+    "find_headmap",
+    "headmap_dirs",
 ]
 
 VERSION = 1
@@ -571,3 +576,54 @@ def convert(
             hm.model, hm.heads[:top_k], hm.method, hm.scores, dict(hm.defaults, top_k=top_k)
         )
     return hm
+
+
+# -- the registry: which headmap goes with a model -----------------------------------------
+HEADMAPS_ENV = "LLAMA_STEER_HEADMAPS"
+
+
+def headmap_dirs() -> list[Path]:
+    """Where headmaps are looked up, in order: the shipped ones (the package's copy of the
+    repository's headmaps/, or headmaps/ itself in a checkout), then the user's directory
+    ($LLAMA_STEER_HEADMAPS, default ~/.cache/llama-steer/headmaps)."""
+    here = Path(__file__).resolve().parent
+    shipped = [here / "headmaps", here.parents[1] / "headmaps"]
+    user = os.environ.get(HEADMAPS_ENV) or str(Path.home() / ".cache" / "llama-steer" / "headmaps")
+    seen, out = set(), []
+    for d in [*shipped, Path(user).expanduser()]:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def find_headmap(model: ModelIdentity) -> tuple[Headmap, Path] | None:
+    """The headmap for ``model``: one scored on this very GGUF (same fingerprint) first, else
+    one made without a GGUF (no fingerprint: a converted ranking) whose architecture and shape
+    agree, a name match preferred; shipped maps before the user's. A map of the same shape
+    scored on other weights is never picked by itself (its heads may not transfer).
+
+    >>> found = find_headmap(ModelIdentity.of_gguf("Qwen3-VL-2B-Instruct-Q4_K_M.gguf"))
+    >>> found[1].name                                   # 'qwen3vl-2b.json'
+    """
+    shape = (model.architecture, model.n_layer, model.n_head, model.n_head_kv)
+    exact, by_shape = [], []
+    for d in headmap_dirs():
+        for p in sorted(d.glob("*.json")):
+            if p.name.endswith(".report.json"):
+                continue
+            try:
+                hm = Headmap.load(p)
+            except HeadmapError:
+                continue  # not a headmap (a report, a raw ranking): not a candidate
+            m = hm.model
+            if (m.architecture, m.n_layer, m.n_head, m.n_head_kv) != shape or not hm.heads:
+                continue
+            if m.fingerprint and m.fingerprint == model.fingerprint:
+                exact.append((hm, p))
+            elif not m.fingerprint:
+                by_shape.append((hm, p))
+    if exact:
+        return exact[0]
+    named = [c for c in by_shape if model.name and c[0].model.name == model.name]
+    return (named or by_shape or [None])[0]

@@ -30,7 +30,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as _lc
 import numpy as np
 
-from llama_steer import _native
+from llama_steer import _mtmd, _native
 from llama_steer._errors import SteeringError
 from llama_steer._load import PARAMS_LOCK, guarded_load
 from llama_steer.roi import Seq, resolve
@@ -135,16 +135,10 @@ class _MtmdWatch:
     def _layout(self, chunks, pixels: list) -> list:
         m = self._m
         out, img = [], 0
-        for i in range(m.mtmd_input_chunks_size(chunks)):
-            ch = m.mtmd_input_chunks_get(chunks, i)
-            kind = m.mtmd_input_chunk_get_type(ch)
-            if kind == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = m.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                out.append(("text", ptr[: n.value]))
+        for kind, ch in _mtmd.walk(m, chunks):
+            if kind == "text":
+                out.append(("text", ch))
                 continue
-            if kind != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                raise SteeringError("steering supports text and image chunks (no audio)")
             toks = m.mtmd_input_chunk_get_tokens_image(ch)
             nx, ny = m.mtmd_image_tokens_get_nx(toks), m.mtmd_image_tokens_get_ny(toks)
             n_tokens = m.mtmd_input_chunk_get_n_tokens(ch)

@@ -17,17 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_steer import _native
 
-
-def attention_map(
-    llm, image_path: str, prompt: str, heads_mask: np.ndarray, n_predict: int = 12
-) -> tuple[np.ndarray, str]:
-    """(ny, nx) mean attention of the masked heads on each image token over the answer's
+def attention_map(llm, image_path: str, prompt: str, n_predict: int = 12) -> tuple[np.ndarray, str]:
+    """(ny, nx) mean attention of the steered heads on each image token over the answer's
     tokens, and the answer."""
     from llama_cpp._utils import suppress_stdout_stderr
 
-    from llama_steer.cli import user_message
+    from llama_steer.messages import user_message
 
     msgs = [user_message(prompt, [image_path])]
     with suppress_stdout_stderr(disable=llm.verbose):
@@ -35,10 +31,8 @@ def attention_map(
     (span,) = llm.images[:1] or [None]
     if span is None:
         raise ValueError("the prompt holds no image")
-    region = np.full(span.first_cell + span.grid.n_tokens, -1, dtype=np.int16)
-    region[span.cells] = np.arange(span.grid.n_tokens, dtype=np.int16)
     acc, n, text = np.zeros(span.grid.n_tokens), 0, []
-    with llm.steering._observing(region, span.grid.n_tokens, _native.ROWS_LAST):
+    with llm.steering.observe("image-tokens") as obs:
         with suppress_stdout_stderr(disable=llm.verbose):
             stream = llm.create_chat_completion(
                 msgs, max_tokens=n_predict, temperature=0, stream=True
@@ -47,8 +41,7 @@ def attention_map(
                 piece = chunk["choices"][0]["delta"].get("content")
                 if piece is None:
                     continue
-                obs, _ = llm._steer_hook.read_obs()
-                acc += obs[heads_mask].mean(0)
+                acc += obs.mass()  # mean over the steered heads, this token
                 n += 1
                 text.append(piece)
     return (acc / max(n, 1)).reshape(span.grid.ny, span.grid.nx), "".join(text).strip()
@@ -97,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if not mmproj:
         raise CliError("look needs a vision model: pass --mmproj")
     try:
-        mask = steering._heads_mask()
-        grid_map, answer = attention_map(llm, args.image[0], args.prompt, mask, args.n_predict)
+        mask = steering.mask
+        grid_map, answer = attention_map(llm, args.image[0], args.prompt, args.n_predict)
         grid = llm.images[0].grid
     finally:
         llm.close()

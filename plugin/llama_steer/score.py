@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_steer import _native, comics
+from llama_steer import _mtmd, comics
 from llama_steer._errors import SteeringError
-from llama_steer.roi import Panel, resolve
+from llama_steer.roi import Panel
 
 QUESTION = "What is in panel {k}?"
 
@@ -106,16 +106,7 @@ class StripPrompter:
         if rc != 0:
             mt.mtmd_input_chunks_free(chunks)
             raise RuntimeError("mtmd_tokenize failed")
-        out = []
-        for i in range(mt.mtmd_input_chunks_size(chunks)):
-            ch = mt.mtmd_input_chunks_get(chunks, i)
-            if mt.mtmd_input_chunk_get_type(ch) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = mt.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                out.append(("text", [ptr[j] for j in range(n.value)]))
-            else:
-                out.append(("image", ch))
-        return out, chunks
+        return _mtmd.walk(mt, chunks), chunks
 
     def eval_chunks(self, items) -> None:
         import llama_cpp
@@ -195,14 +186,6 @@ def strips_from_dir(root: str | Path) -> list[tuple[str, object]]:
     return out
 
 
-def panel_regions(seq, grid: tuple[int, int], n_cells: int) -> np.ndarray:
-    """(n_cells,) int16 observer regions: panel r's image tokens -> r - 1, others -1."""
-    region = np.full(n_cells, -1, dtype=np.int16)
-    for r in range(1, 7):
-        region[resolve((Panel(r, grid=grid),), seq)[0]] = r - 1
-    return region
-
-
 def score_strip(
     prompter: StripPrompter,
     img,
@@ -214,9 +197,10 @@ def score_strip(
 ) -> np.ndarray:
     """(Q, L, H, 6, 6) masses for one strip. ``layout``: "1x6" / "2x3" or (rows, cols);
     ``answers``: the expected answer per panel (needed for answer:N queries)."""
-    llm, st, hook = prompter.llm, prompter.llm.steering, prompter.llm._steer_hook
+    llm, st = prompter.llm, prompter.llm.steering
     rows, cols = comics.LAYOUTS[layout] if isinstance(layout, str) else layout
-    L, H = hook.n_layer, hook.n_head
+    L, H = st.mask.shape
+    panels = [Panel(r, grid=(rows, cols)) for r in range(1, 7)]
     out = np.zeros((len(queries), L, H, 6, 6))
     with prompter.quiet():
         bitmap = prompter.h._create_bitmap_from_bytes(comics.png_bytes(img))
@@ -235,8 +219,6 @@ def score_strip(
                 llm._ctx.kv_cache_clear()
                 prompter.eval_chunks(items[: img_at + 1])
                 prefix_end = llm.n_tokens
-            seq = llm._steer_seq_for([0] * prefix_end, llm.images)
-            region = panel_regions(seq, (rows, cols), seq.n_cells)
             question = [t for kind, x in items[img_at + 1 :] if kind == "text" for t in x]
             n_q = max((int(q[7:]) for q in queries if q != "last"), default=0)
             answer = []
@@ -244,22 +226,20 @@ def score_strip(
                 if answers is None:
                     raise SteeringError("answer:N query positions need the expected answers")
                 answer = llm.tokenize(answers[k - 1].encode(), add_bos=False, special=False)[:n_q]
-            n_cells = seq.n_cells + len(question) + len(answer) + 1
-            reg = np.full(n_cells, -1, dtype=np.int16)
-            reg[: region.size] = region
             for qi, q in enumerate(queries):
+                # panels resolved against the evaluated prefix (the image): one region each
                 if q == "last":
-                    with st._observing(reg, 6, _native.ROWS_LAST):
+                    with st.observe(panels, rows="last") as obs:
                         llm.eval(question)
-                        mass, n_rows = hook.read_obs(reset=True)
+                        mass, n_rows = obs.read(reset=True)
                     llm.n_tokens -= len(question)
                     llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
                 else:
                     n = int(q[7:])
                     llm.eval(question)
-                    with st._observing(reg, 6, _native.ROWS_ALL):
+                    with st.observe(panels, rows="all") as obs:
                         llm.eval(answer[:n])
-                        mass, n_rows = hook.read_obs(reset=True)
+                        mass, n_rows = obs.read(reset=True)
                     llm.n_tokens -= len(question) + len(answer[:n])
                     llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
                 out[qi, :, :, k - 1, :] = mass / np.maximum(n_rows, 1)[:, None, None]
@@ -420,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.npz")
-    L, H = llm._steer_hook.n_layer, llm._steer_hook.n_head
+    L, H = llm.steering.mask.shape
     sums = GazeSums(queries, np.zeros((len(queries), L, H, 6, 6)))
     done: list[str] = []
     if partial.exists():  # resume
