@@ -111,5 +111,5 @@ setup(
             "nvidia-cuda-nvrtc>=12.8",
         ],
     },
-    entry_points={"console_scripts": ["llama-steer=llama_steer.cli:main"]},
+    entry_points={"console_scripts": ["llama-steer=llama_steer.apps.cli:main"]},
 )

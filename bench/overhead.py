@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     if args.vlm:
         from llama_cpp.llama_chat_format import MTMDChatHandler
 
-        from llama_steer.cli import embedded_model, user_message
+        from llama_steer.messages import embedded_model, user_message
 
         path, mmproj = embedded_model()
 

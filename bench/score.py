@@ -17,16 +17,14 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-import numpy as np  # noqa: E402
-
-from llama_steer import Llama, Steering, _native, comics  # noqa: E402
-from llama_steer.score import StripPrompter, score_strip  # noqa: E402
+from llama_steer import Llama, Panel, Steering, comics  # noqa: E402
+from llama_steer.apps.score import StripPrompter, score_strip  # noqa: E402
 
 
 def main(argv=None) -> int:
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from llama_steer.cli import embedded_model
+    from llama_steer.messages import embedded_model
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-m", "--model")
@@ -59,14 +57,14 @@ def main(argv=None) -> int:
     bitmap = pr.h._create_bitmap_from_bytes(comics.png_bytes(comics.render(strips[0])))
     items, handle = pr.chunks(bitmap, "What is in panel 2?")
     obs = {"plain": [], "observed": []}
+    panels = [Panel(k, grid=(2, 3)) for k in range(1, 7)]  # the scorer's regions
     for i in range(2 * args.strips):
         mode = ["plain", "observed"][i % 2]
         llm.reset()
         llm._ctx.kv_cache_clear()
         t = time.perf_counter()
         if mode == "observed":
-            region = np.zeros(4096, dtype=np.int16)
-            with llm.steering._observing(region, 1, _native.ROWS_ALL):
+            with llm.steering.observe(panels, rows="all"):
                 pr.eval_chunks(items)
         else:
             pr.eval_chunks(items)

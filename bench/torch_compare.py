@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import numpy as np  # noqa: E402
 
 from llama_steer import Llama, Panel, Steering, comics  # noqa: E402
-from llama_steer.cli import embedded_model  # noqa: E402
+from llama_steer.messages import embedded_model  # noqa: E402
 
 QUESTION = "Describe the strip."
 
@@ -104,7 +104,7 @@ def torch_side(hf: str | None, img, threads: int, strength: float):
 def gguf_side(img, threads: int, strength: float):
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from llama_steer.cli import user_message
+    from llama_steer.messages import user_message
 
     model, mmproj = embedded_model()
     steer = Steering(heads="all", roi=Panel(3, grid=(2, 3)), mode="redirect", strength=strength)

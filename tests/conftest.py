@@ -71,7 +71,7 @@ def organism():
 def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     """``llama-steer ARGS`` in a subprocess, as a shell user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "llama_steer.cli", *args],
+        [sys.executable, "-m", "llama_steer.apps.cli", *args],
         capture_output=True,
         text=True,
         env=dict(os.environ, OMP_WAIT_POLICY="passive"),

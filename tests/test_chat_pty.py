@@ -17,7 +17,7 @@ class Terminal:
         self.master, slave = pty.openpty()
         env = dict(os.environ, OMP_WAIT_POLICY="passive")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_steer.cli", *args],
+            [sys.executable, "-m", "llama_steer.apps.cli", *args],
             stdin=slave,
             stdout=slave,
             stderr=subprocess.DEVNULL,

@@ -175,7 +175,7 @@ def test_huge_image_refused_before_it_is_decoded(files):
         " text=True); sys.stderr.write(r.stderr); "
         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    cmd = [sys.executable, "-c", peak, sys.executable, "-m", "llama_steer.cli"]
+    cmd = [sys.executable, "-c", peak, sys.executable, "-m", "llama_steer.apps.cli"]
     r = subprocess.run(
         [*cmd, "--image", huge, "-p", ASK, "-n", "4"], capture_output=True, text=True
     )
@@ -260,7 +260,7 @@ def test_temperature_and_schedule_parsers_never_crash(text):
     import argparse
 
     from llama_steer import SteeringError
-    from llama_steer.cli import CliError, parse_schedule, temperature
+    from llama_steer.apps.cli import CliError, parse_schedule, temperature
 
     try:
         t = temperature(text)

@@ -153,7 +153,7 @@ def test_offloaded_steering_equals_the_host_path(organism):
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     from llama_steer import Llama, Panel, Steering, comics
-    from llama_steer.cli import user_message
+    from llama_steer.messages import user_message
 
     model, mmproj = organism
 

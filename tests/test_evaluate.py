@@ -7,7 +7,7 @@ import pytest
 from conftest import run_cli
 
 from llama_steer import SteeringError, comics
-from llama_steer.evaluate import (
+from llama_steer.apps.evaluate import (
     _derangement,
     _pope_scores,
     caption_judge,

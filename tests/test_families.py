@@ -34,7 +34,7 @@ from llama_steer import (
     guarded_load,
 )
 from llama_steer._gguf import read_metadata
-from llama_steer.cli import user_message
+from llama_steer.messages import user_message
 from llama_steer.roi import resolve
 from llama_steer.vision import Geometry
 

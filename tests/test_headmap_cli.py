@@ -11,7 +11,7 @@ import pytest
 from conftest import PROMPT, run_cli
 
 from llama_steer import Steering, SteeringError
-from llama_steer.cli import CliError, parse_schedule
+from llama_steer.apps.cli import CliError, parse_schedule
 from llama_steer.config import parse_heads
 from llama_steer.headmap import (
     RECOMMENDED,
@@ -133,7 +133,7 @@ def test_recommended_fills_what_the_headmap_leaves_out():
 def test_cli_takes_the_headmaps_recommendations_unless_overridden(tmp_path):
     import argparse
 
-    from llama_steer.cli import add_steer_args, make_steering
+    from llama_steer.apps.cli import add_steer_args, make_steering
 
     path = tmp_path / "hm.json"
     rec = {"top_k": 5, "mode": "redirect", "strength": 12.0, "decode_only": True}

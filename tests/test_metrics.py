@@ -73,7 +73,7 @@ def test_bootstrap_ci_brackets_the_mean():
 
 
 def test_score_pictures_replace_an_earlier_runs(tmp_path):
-    from llama_steer.score import GazeSums, write_pictures
+    from llama_steer.apps.score import GazeSums, write_pictures
 
     rng = np.random.default_rng(0)
     first = write_pictures(GazeSums(["last"], rng.random((1, 2, 3, 6, 6)), 1), tmp_path, n_top=2)

@@ -64,7 +64,7 @@ def test_logits_match_the_pytorch_reference(llm):
 @pytest.mark.parametrize("task", ["panel_number", "this_panel", "describe", "scene_region"])
 def test_held_out_answers(llm, task):
     """A handful of held-out samples drawn by the independent renderer with unseen seeds."""
-    from llama_steer.evaluate import objects_in
+    from llama_steer.apps.evaluate import objects_in
 
     n, ok, seen = 8, 0.0, []
     for i in range(n):

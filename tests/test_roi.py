@@ -222,7 +222,7 @@ def test_show_grid_marks_the_roi_and_its_focus(organism, tmp_path):
 
     from PIL import Image
 
-    from llama_steer.cli import show_grid
+    from llama_steer.apps.cli import show_grid
 
     img = _drawing()
     img[28:84, 84:140] = (200, 30, 30)  # tokens 12, 13, 21, 22: inside panel 2 of 2x3

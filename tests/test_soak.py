@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from llama_steer import Llama, Panel, Steering, comics
-from llama_steer.cli import user_message
+from llama_steer.messages import user_message
 
 N = int(os.environ.get("LLAMA_STEER_SOAK", "40"))
 

@@ -25,8 +25,8 @@ from llama_steer import (
     comics,
     guarded_load,
 )
-from llama_steer.cli import user_message
-from llama_steer.score import StripPrompter, score_strip
+from llama_steer.apps.score import StripPrompter, score_strip
+from llama_steer.messages import user_message
 
 
 def msg(imgs, text):
@@ -132,7 +132,7 @@ def test_a_model_alive_at_exit_is_closed_cleanly(organism):
     code = f"""
 from llama_cpp.llama_chat_format import MTMDChatHandler
 from llama_steer import Llama, Steering, comics
-from llama_steer.cli import user_message
+from llama_steer.messages import user_message
 h = MTMDChatHandler(clip_model_path={organism[1]!r}, verbose=False)
 llm = Llama(model_path={organism[0]!r}, chat_handler=h, steering=Steering(), verbose=False)
 img = comics.render(comics.make_strip(1, "2x3"))
@@ -315,7 +315,7 @@ def shipped_headmap():
 def test_top_heads_steer_and_random_heads_do_not(vlm, shipped_headmap):
     """The paper's finding on the embedded model: the shipped headmap's top heads move the
     ambiguous question's answer to the chosen panel; as many random heads do not."""
-    from llama_steer.evaluate import Evaluator
+    from llama_steer.apps.evaluate import Evaluator
 
     hm = shipped_headmap
     k = int(hm.defaults["top_k"])
@@ -327,51 +327,62 @@ def test_top_heads_steer_and_random_heads_do_not(vlm, shipped_headmap):
     assert res["random"]["accuracy"]["mean"] <= 0.2, res
 
 
-def test_cli_and_python_agree_on_a_steered_answer(vlm, organism, shipped_headmap, tmp_path):
-    strip = comics.render(comics.make_strip(13 * 10**9, "1x6"))
+@pytest.mark.parametrize("layout,panel", [("1x6", "panel:4/6"), ("2x3", "panel:4@2x3")])
+def test_cli_and_python_steer_identically(vlm, organism, shipped_headmap, tmp_path, layout, panel):
+    """One resolution of defaults (config.SteeringConfig.resolve): the CLI with --headmap, the
+    CLI with nothing but --roi, Python's Steering(headmap=..., roi=...) and Steering(roi=...)
+    all steer with the headmap's heads, mode, strength, decode-only and focus."""
+    desc = comics.make_strip(13 * 10**9, layout)
+    strip = comics.render(desc)
     strip.save(tmp_path / "strip.png")
     hm_path = str(tmp_path / "hm.json")
     shipped_headmap.save(hm_path)
-    args = [
-        "--headmap",
-        hm_path,
-        "--roi",
-        "panel:4/6",
-        "--decode-only",
-        "--strength",
-        str(shipped_headmap.defaults["strength"]),
-    ]
-    r = run_cli(
-        "-m",
-        organism[0],
-        "--mmproj",
-        organism[1],
-        "--image",
-        str(tmp_path / "strip.png"),
-        "-p",
-        "What is in this panel?",
-        "-n",
-        "12",
-        "-t",
-        "2",
-        *args,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    llm = vlm(
-        Steering(
-            headmap=shipped_headmap,
-            roi=Panel(4, of=6),
-            mode="redirect",
-            decode_only=True,
-            strength=float(shipped_headmap.defaults["strength"]),
-            focus=shipped_headmap.defaults.get("focus"),  # the CLI took it from the headmap
+    base = ["-m", organism[0], "--mmproj", organism[1], "--image", str(tmp_path / "strip.png")]
+    base += ["-p", "What is in this panel?", "-n", "12", "-t", "2", "--roi", panel]
+    with_map = run_cli(*base, "--headmap", hm_path, timeout=300)
+    default = run_cli(*base, timeout=300)
+    assert with_map.returncode == 0 and default.returncode == 0, with_map.stderr[-2000:]
+    answers = {with_map.stdout.strip(), default.stdout.strip()}
+    for steering in (Steering(headmap=hm_path, roi=panel), Steering(roi=panel)):
+        llm = vlm(steering)
+        out = llm.create_chat_completion(
+            [msg([strip], "What is in this panel?")], max_tokens=12, temperature=0
         )
-    )
-    out = llm.create_chat_completion(
-        [msg([strip], "What is in this panel?")], max_tokens=12, temperature=0
-    )
-    assert r.stdout.strip() == out["choices"][0]["message"]["content"].strip()
+        answers.add(out["choices"][0]["message"]["content"].strip())
+        r = llm.steering.resolved
+        assert r.heads == tuple(shipped_headmap.top(int(shipped_headmap.defaults["top_k"])))
+        assert (r.mode, r.strength, r.decode_only, r.focus) == (
+            "redirect",
+            float(shipped_headmap.defaults["strength"]),
+            True,
+            shipped_headmap.defaults.get("focus", "none"),
+        )
+    assert len(answers) == 1, answers
+    assert answers.pop() == desc.panels[3].thing.name  # panel 4's object
+
+
+def test_the_readme_python_example_steers_to_panel_4(vlm, organism):
+    """README: Steering(headmap="headmaps/organism.json", roi=Panel(4, grid=(2, 3)),
+    mode="redirect") on a 2x3 strip answers panel 4's object (it answered panel 1's, the
+    unsteered answer, when Steering(headmap=...) took only the heads from the map)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    hits = 0
+    for seed in range(4):
+        desc = comics.make_strip(14 * 10**9 + seed, "2x3")
+        if desc.panels[3].thing.name == desc.panels[0].thing.name:
+            continue
+        steer = Steering(
+            headmap=str(root / "headmaps/organism.json"), roi=Panel(4, grid=(2, 3)), mode="redirect"
+        )
+        llm = vlm(steer)
+        out = llm.create_chat_completion(
+            [msg([comics.render(desc)], "What is in this panel?")], max_tokens=12, temperature=0
+        )
+        hits += out["choices"][0]["message"]["content"].strip() == desc.panels[3].thing.name
+        llm.close()
+    assert hits >= 3
 
 
 @pytest.mark.parametrize("n_ctx", [1, 16])
@@ -388,7 +399,7 @@ EXIT_SCRIPT = """
 import sys
 from llama_cpp.llama_chat_format import MTMDChatHandler
 from llama_steer import Llama, Steering, comics
-from llama_steer.cli import user_message
+from llama_steer.messages import user_message
 steer = Steering(roi="panel:2@2x3", mode="redirect") if sys.argv[1] == "steered" else None
 h = MTMDChatHandler(clip_model_path=sys.argv[3], verbose=False)
 llm = Llama(model_path=sys.argv[2], chat_handler=h, steering=steer, verbose=False)

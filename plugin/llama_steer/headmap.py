@@ -192,6 +192,8 @@ class Headmap:
     scores: list[list[float]] | None = None
     defaults: dict = field(default_factory=dict)
     version: int = VERSION
+    # the file it was loaded from (not part of the value: equal maps compare equal)
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         self.validate()
@@ -288,7 +290,9 @@ class Headmap:
             raise HeadmapError(f"headmap {path} is not JSON: {e}") from None
         if _is_ranking(data):
             raise NotAHeadmap(path)
-        return cls.from_json(data)
+        hm = cls.from_json(data)
+        hm.source = str(path)
+        return hm
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")

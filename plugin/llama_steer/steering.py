@@ -75,6 +75,7 @@ class Steering:
         self._edits = False
         self._phases = 0
         self._published: tuple | None = None
+        self._seq: Seq | None = None  # the prompt last published against
         # an update() made between generations: published lazily by the next generate(), or
         # by the next raw eval() (llama.py), which would otherwise run the old config
         self._stale = False
@@ -306,6 +307,7 @@ class Steering:
                 seq = llm._steer_seq()
             bias, tail = self._bias(seq)
             self._stale = False
+            self._seq = seq
             obs = self._observer
             if obs is not None:
                 obs._prepare(seq)
@@ -433,7 +435,8 @@ class Observer:
                 )
             steering._observer = self
             if steering._published is not None:
-                self._prepare(llm._steer_seq())
+                # the prompt published last (a chat prompt's layout precedes its evaluation)
+                self._prepare(steering._seq if steering._seq is not None else llm._steer_seq())
                 steering._apply()
 
     @property

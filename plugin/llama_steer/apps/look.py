@@ -71,7 +71,7 @@ def overlay_png(image_path: str, grid_map: np.ndarray, grid, caption: str, out: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_steer.cli import CliError, add_model_args, add_steer_args, load, make_steering
+    from llama_steer.apps.cli import CliError, add_model_args, add_steer_args, load, make_steering
 
     p = argparse.ArgumentParser(
         prog="llama-steer look",

@@ -340,7 +340,7 @@ def write_pictures(sums: GazeSums, out_dir: Path, q: int = 0, n_top: int = 4) ->
 
 def main(argv: list[str] | None = None) -> int:
     """llama-steer score: find gaze heads, write a headmap."""
-    from llama_steer.cli import CliError, add_model_args, load, resolve_model
+    from llama_steer.apps.cli import CliError, add_model_args, load, resolve_model
     from llama_steer.steering import Steering
 
     p = argparse.ArgumentParser(

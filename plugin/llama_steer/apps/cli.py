@@ -659,11 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     install_warning_format()
     commands = {
-        "chat": "llama_steer.chat",
-        "demo": "llama_steer.demo",
-        "score": "llama_steer.score",
-        "eval": "llama_steer.evaluate",
-        "look": "llama_steer.look",
+        "chat": "llama_steer.apps.chat",
+        "demo": "llama_steer.apps.demo",
+        "score": "llama_steer.apps.score",
+        "eval": "llama_steer.apps.evaluate",
+        "look": "llama_steer.apps.look",
     }
     try:
         if argv and argv[0] in commands:
@@ -691,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # run as the imported module, not as __main__: subcommands (chat, ...) raise
-    # llama_steer.cli.CliError, which a __main__.CliError handler would not catch
-    from llama_steer.cli import main as _main
+    # llama_steer.apps.cli.CliError, which a __main__.CliError handler would not catch
+    from llama_steer.apps.cli import main as _main
 
     sys.exit(_main())

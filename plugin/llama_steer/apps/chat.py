@@ -104,7 +104,7 @@ class Session:
     def turn(self, text: str, inbox: queue.Queue) -> list[str]:
         """Stream one answer; commands arriving meanwhile apply at once, other lines are
         returned to be sent next."""
-        from llama_steer.cli import CliError, user_message
+        from llama_steer.apps.cli import CliError, user_message
 
         try:
             msg = user_message(text, self.images)
@@ -132,7 +132,7 @@ class Session:
                         print(file=self.out)
                         self.command(line)
         except ValueError as e:  # SteeringError, or llama-cpp-python's (context full, ...)
-            from llama_steer.cli import _ctx_error
+            from llama_steer.apps.cli import _ctx_error
 
             err = _ctx_error(e, self) if not isinstance(e, SteeringError) else None
             if err is None and not isinstance(e, SteeringError):
@@ -166,7 +166,7 @@ def _reader(inbox: queue.Queue) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_steer.cli import (
+    from llama_steer.apps.cli import (
         add_model_args,
         add_steer_args,
         install_warning_format,

@@ -20,39 +20,6 @@ from llama_steer import comics
 QUESTION = "What is in this panel?"
 
 
-def default_heads(model_path: str, headmap: str | None = None, top_k: int | None = None):
-    """(Steering keyword arguments, description, strength) for the demo's head set: the
-    given or the shipped headmap's top heads and recommended strength, when it fits."""
-    from llama_steer.headmap import Headmap, HeadmapError
-
-    here = Path(__file__).resolve()
-    candidates = (
-        [Path(headmap)]
-        if headmap
-        else [
-            here.parent / "headmaps" / "organism.json",
-            here.parents[2] / "headmaps" / "organism.json",
-        ]
-    )
-    for p in candidates:
-        if not p.exists():
-            continue
-        try:
-            hm = Headmap.load(p)
-            hm.check_model(model_path, strict=headmap is None)
-        except HeadmapError:
-            if headmap:
-                raise
-            continue
-        rec = hm.recommended()
-        k = top_k or rec["top_k"]
-        kw = {"headmap": hm, "top_k": k, "decode_only": rec["decode_only"], "focus": rec["focus"]}
-        return kw, f"top {k} heads of {p.name}", float(rec["strength"])
-    # Simple rule, used only while no headmap exists for this model: every head, edits on
-    # generated tokens only (prefill edits with many heads break the small model's answers)
-    return {"heads": "all", "decode_only": True}, "all heads, decode only (no headmap)", 8.0
-
-
 def which_panels(answer: str, strip: comics.Strip) -> list[int]:
     a = answer.strip().rstrip(".").lower()
     return [p.index for p in strip.panels if p.thing.name == a]
@@ -80,8 +47,8 @@ def picture(strip, img, rows: list[tuple[str, str, bool | None]], out: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_steer.cli import CliError, add_model_args, load, resolve_model, user_message
-    from llama_steer.steering import Steering
+    from llama_steer import Steering
+    from llama_steer.apps.cli import CliError, add_model_args, load, resolve_model, user_message
 
     p = argparse.ArgumentParser(
         prog="llama-steer demo",
@@ -92,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default="2x3", choices=sorted(comics.LAYOUTS))
     p.add_argument("--strip", type=int, default=0, help="which strip to draw (a seed)")
     p.add_argument("--strength", type=float, default=None, help="default: the headmap's")
-    p.add_argument("--headmap", help="default: the shipped headmaps/organism.json")
+    p.add_argument("--headmap", help="default: the model's (the library picks it)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--out", default="demo.png")
     args = p.parse_args(argv)
@@ -105,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if not mmproj:
         raise CliError("the demo needs a vision model: pass --mmproj with -m")
     args.model, args.mmproj = model, mmproj
-    heads, heads_desc, strength = default_heads(model, args.headmap, args.top_k)
-    if args.strength is not None:
-        strength = args.strength
-    steer = Steering(roi=None, mode="redirect", strength=0.0, **heads)
+    # unset choices (heads, strength, focus, ...) are the library's: the model's headmap
+    steer = Steering(headmap=args.headmap, top_k=args.top_k, mode="redirect", strength=0.0)
     llm, _ = load(args, steer)
     msgs = [user_message(QUESTION, [img])]
 
@@ -127,12 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f'unsteered "{QUESTION}" -> {base}   (names panel {which_panels(base, strip) or "?"})'
         )
-        focus = f", focus {steer.focus}" if steer.focus else ""
-        print(f"steering: redirect, strength {strength:g}{focus}, {heads_desc}")
         table = [("unsteered", base, None)]
         hits = 0
         for k in range(1, 7):
-            steer.update(roi=f"panel:{k}@{rows}x{cols}", strength=strength)
+            steer.update(roi=f"panel:{k}@{rows}x{cols}", strength=args.strength)
+            if k == 1:
+                r = steer.resolved
+                hm = r.headmap
+                heads = (
+                    f"top {len(r.heads)} heads of {Path(hm.source or 'the headmap').name}"
+                    if hm is not None and isinstance(r.heads, tuple)
+                    else f"heads {r.describe_heads()} (no headmap for this model)"
+                )
+                focus = ", focus content" if steer.focus else ""
+                print(f"steering: {r.mode}, strength {r.strength:g}{focus}, {heads}")
             ans = ask()
             named = which_panels(ans, strip)
             ok = k in named

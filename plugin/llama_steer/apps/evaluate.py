@@ -551,7 +551,7 @@ def sweep_png(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_steer.cli import CliError, add_model_args, load, resolve_model
+    from llama_steer.apps.cli import CliError, add_model_args, load, resolve_model
     from llama_steer.headmap import RECOMMENDED, Headmap
     from llama_steer.steering import Steering
 
