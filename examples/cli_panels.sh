@@ -6,12 +6,12 @@
 #
 # Strips: the package's generator (held-out seeds from 6*10**9, layouts alternating 2x3 / 1x6),
 # written as PNGs; model: the embedded organism; heads, strength, decode-only and focus: the
-# shipped headmap's recommendations (llama-steer reads them from --headmap). One process per
-# answer, so this also exercises start-up; about 0.5 s per answer on 2 cores.
+# model's headmap, which llama-steer picks by itself (HEADMAP=FILE passes --headmap FILE). One
+# process per answer, so this also exercises start-up; about 0.5 s per answer on 2 cores.
 set -euo pipefail
 N=${1:-20}
 shift || true
-HEADMAP=${HEADMAP:-$(dirname "$0")/../headmaps/organism.json}
+HEADMAP=${HEADMAP:-}
 DIR=$(mktemp -d)
 trap 'rm -rf "$DIR"' EXIT
 python - "$N" "$DIR" <<'PY'
@@ -33,7 +33,7 @@ ok=0
 total=0
 while IFS=$'\t' read -r i roi want; do
     got=$(llama-steer --image "$DIR/$i.png" -p "What is in this panel?" -n 8 -t 2 \
-        --headmap "$HEADMAP" --roi "$roi" "$@" 2>/dev/null)
+        ${HEADMAP:+--headmap "$HEADMAP"} --roi "$roi" "$@" 2>/dev/null)
     total=$((total + 1))
     if [[ "$got" == "$want"* ]]; then ok=$((ok + 1)); else echo "strip $i $roi: wanted '$want', got '$got'"; fi
 done <"$DIR/truth.tsv"
