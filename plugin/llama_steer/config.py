@@ -391,16 +391,7 @@ class SteeringConfig:
             found = find(model)
             hm = found[0] if found else None
         if hm is not None and model is not None:
-            m = hm.model
-            if (m.n_layer, m.n_head) != (model.n_layer, model.n_head):
-                from llama_steer.headmap import HeadmapError
-
-                raise HeadmapError(
-                    f"this headmap is for a model with {m.n_layer} layers x {m.n_head} heads "
-                    f"({m.architecture}{', ' + m.name if m.name else ''}), but the model has "
-                    f"{model.n_layer} x {model.n_head} ({model.architecture}): score heads "
-                    "for it with `llama-steer score`, or convert a headmap made for it"
-                )
+            hm.check_shape(model)
         image = _has_image(self.roi) or (self.mode == "image-boost")
         rec = hm.recommended() if hm is not None else {}
         use_rec = hm is not None and (image or not self.roi)  # a map's recipe is for images

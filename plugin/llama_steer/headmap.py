@@ -353,6 +353,17 @@ class Headmap:
             raise HeadmapError(f"top_k={k!r}: choose 1..{n} (heads in this headmap)")
 
     # -- model check ------------------------------------------------------------------------
+    def check_shape(self, other: ModelIdentity, what: str = "the model") -> None:
+        """Refuse a model (``what`` names it) whose n_layer/n_head differ from the map's."""
+        m = self.model
+        if (m.n_layer, m.n_head) != (other.n_layer, other.n_head):
+            raise HeadmapError(
+                f"this headmap is for a model with {m.n_layer} layers x {m.n_head} heads "
+                f"({m.architecture}{', ' + m.name if m.name else ''}), but {what} has "
+                f"{other.n_layer} x {other.n_head} ({other.architecture}): score heads for "
+                "this model with `llama-steer score`, or convert a headmap made for it"
+            )
+
     def check_model(self, gguf: str | Path, strict: bool = True) -> list[str]:
         """Refuse a headmap whose n_layer/n_head differ from the GGUF's; return warnings
         (a different fingerprint: same shape, other weights; without a fingerprint, another
@@ -360,13 +371,7 @@ class Headmap:
         whose architecture and shape agree matches without a warning."""
         other = ModelIdentity.of_gguf(gguf)
         m = self.model
-        if (m.n_layer, m.n_head) != (other.n_layer, other.n_head):
-            raise HeadmapError(
-                f"this headmap is for a model with {m.n_layer} layers x {m.n_head} heads "
-                f"({m.architecture}{', ' + m.name if m.name else ''}), but {gguf} has "
-                f"{other.n_layer} x {other.n_head} ({other.architecture}): score heads for "
-                "this model with `llama-steer score`, or convert a headmap made for it"
-            )
+        self.check_shape(other, str(gguf))
         warnings = []
         if m.fingerprint and m.fingerprint != other.fingerprint:
             msg = (
