@@ -664,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         "score": "llama_steer.apps.score",
         "eval": "llama_steer.apps.evaluate",
         "look": "llama_steer.apps.look",
+        "reason": "llama_steer.apps.reason",
     }
     try:
         if argv and argv[0] in commands:
