@@ -63,8 +63,10 @@ def main(argv=None) -> int:
             with guarded_load():
                 llm = llama_cpp.Llama(**kw)
         else:
-            roi = Panel(3, grid=(2, 3)) if vlm else Text("the strip")
-            st = Steering(heads="all", roi=roi, mode="redirect", strength=4.0)
+            if vlm:
+                st = Steering(heads="all", roi=Panel(3, grid=(2, 3)), mode="redirect", strength=4.0)
+            else:
+                st = Steering(heads="all", roi=Text("the strip"), strength=4.0)
             llm = Llama(steering=st, **kw)
         log(f"iter {i} {kind}: loaded")
         if vlm:
