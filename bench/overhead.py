@@ -4,6 +4,7 @@
     python bench/overhead.py --vlm                 # the embedded VLM, a comic strip prompt
     python bench/overhead.py -m model.gguf -ngl 99 --heads 10
     python bench/overhead.py --vlm --headmap headmaps/organism.json   # what the CLI runs
+    python bench/overhead.py -m model.gguf --mmproj mmproj.gguf --headmap H   # any VLM pair
 
 Both models live in one process. Each rep loads a fresh unsteered and a fresh steered model
 (order alternating; the weights are mmapped once, so this is cheap), warms both up, and runs
@@ -157,7 +158,15 @@ def main(argv=None) -> int:
         help="steer with this headmap's recommended heads and settings instead of --heads",
     )
     ap.add_argument("--vlm", action="store_true", help="the embedded VLM on a comic strip")
+    ap.add_argument(
+        "--mmproj",
+        help="a VLM pair on the comic strip: -m's projector (implies --vlm; needs -m)",
+    )
     args = ap.parse_args(argv)
+    if args.mmproj and not args.model:
+        ap.error("--mmproj needs -m/--model (the VLM's text GGUF)")
+    if args.vlm and args.model and not args.mmproj:
+        ap.error("--vlm with -m needs --mmproj (without -m: the embedded VLM)")
     common = dict(
         n_ctx=1024,
         n_threads=args.threads,
@@ -167,12 +176,12 @@ def main(argv=None) -> int:
         seed=1,
         swa_full=True,
     )
-    if args.vlm:
+    if args.vlm or args.mmproj:
         from llama_cpp.llama_chat_format import MTMDChatHandler
 
         from llama_steer.messages import embedded_model, user_message
 
-        path, mmproj = embedded_model()
+        path, mmproj = (args.model, args.mmproj) if args.mmproj else embedded_model()
 
         def handler():
             return MTMDChatHandler(clip_model_path=mmproj, verbose=False)
@@ -197,7 +206,9 @@ def main(argv=None) -> int:
             steered,
             args.reps,
             args.runs,
-            f"model: {os.path.basename(path)} (embedded VLM), a 2x3 strip "
+            f"model: {os.path.basename(path)} "
+            f"({'mmproj ' + os.path.basename(mmproj) if args.mmproj else 'embedded VLM'}), "
+            "a 2x3 strip "
             f"+ question, up to {args.n_predict} tokens, "
             + (f"headmap={args.headmap}" if args.headmap else f"heads={args.heads}"),
             quiet=lambda: suppress_stdout_stderr(disable=False),  # mtmd prints per image
