@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from llama_steer import Llama, Panel, Steering, _native, comics, guarded_load
-from llama_steer.cli import user_message
 from llama_steer.headmap import Headmap, ModelIdentity
+from llama_steer.messages import user_message
 from llama_steer.roi import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,11 +132,11 @@ def test_an_image_chat_runs_plain_and_steered(load):
 
 
 def test_the_headmap_steers_exactly_its_layers_and_heads(load):
-    """Steering(headmap=..., roi=Panel(4, of=6)): prefill and decode (the constructor's
-    defaults): every eval edits one kq node per layer of the top 10 and 10 rows per token."""
-    st = Steering(headmap=HEADMAP, roi=Panel(4, of=6))
+    """Steering(headmap=..., roi=Panel(4, of=6), decode_only=False): prefill and decode: every
+    eval edits one kq node per layer of the top 10 and 10 rows per token."""
+    st = Steering(headmap=HEADMAP, roi=Panel(4, of=6), decode_only=False)
     llm = load(st)
-    mask = st._heads_mask()
+    mask = st.mask
     assert sorted(zip(*np.nonzero(mask), strict=True)) == sorted(TOP)
     before = None
     steps = 0
@@ -182,7 +182,7 @@ def test_below_the_lowest_steered_layer_nothing_moves_and_in_it_only_the_top_hea
     """The last prompt token's attention row in every layer, observed over every KV cell,
     edited and not: identical below layer 16; in layer 16 only heads 7 and 8 (its top-10
     heads) change, and they move towards panel 4."""
-    st = Steering(headmap=HEADMAP, roi=Panel(4, of=6), strength=0.0)
+    st = Steering(headmap=HEADMAP, roi=Panel(4, of=6), strength=0.0, decode_only=False)
     llm = load(st)
     chat(llm, n=1)  # the unsteered prompt: the cache both observations share
     seq = llm._steer_seq()
@@ -223,3 +223,24 @@ def test_strength_zero_is_the_plain_model(load):
         assert a_txt == b_txt
         np.testing.assert_array_equal(a_log, b_log)
     assert zero.steering.stats().n_kq_edited == 0
+
+
+def test_the_headmap_is_picked_for_the_model_without_being_told(load, tmp_path):
+    """A GGUF of Qwen3-VL-2B's architecture and shape gets headmaps/qwen3vl-2b.json and its
+    defaults, in Python and through the CLI, with nothing but the ROI given."""
+    from conftest import run_cli
+
+    llm = load(Steering(roi=Panel(4, of=6)))
+    r = llm.steering.resolved
+    assert Path(r.headmap.source).name == "qwen3vl-2b.json"
+    assert r.heads == tuple(TOP) and (r.mode, r.strength, r.decode_only) == (
+        "redirect",
+        10000.0,
+        True,
+    )
+    strip(6 * 10**9).save(tmp_path / "s.png")
+    args = ["-m", GGUF, "--mmproj", MMPROJ, "--image", str(tmp_path / "s.png")]
+    args += ["--roi", "panel:4/6", "-p", QUESTION, "-n", "4", "-t", "2", "-v"]
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "headmap qwen3vl-2b.json" in out.stderr

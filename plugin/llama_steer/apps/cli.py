@@ -619,6 +619,15 @@ def run(args) -> int:
     check_fits(args, mmproj, sizes, None)  # a huge image: refused before anything is decoded
     message = user_message(prompt, args.image) if mmproj else None  # decodes each image once
     llm, mmproj = load(args, steering)
+    if args.verbose:
+        r = steering.resolved
+        hm = f"headmap {Path(r.headmap.source or '?').name}, " if r.headmap is not None else ""
+        print(
+            f"[llama-steer] steering: {hm}heads {r.describe_heads()}, {r.mode}, strength "
+            f"{r.strength:g}{', decode only' if r.decode_only else ''}"
+            f"{', focus content' if r.focus == 'content' else ''}",
+            file=sys.stderr,
+        )
     try:
         if args.ctx_size == 0:
             args.ctx_size = llm.n_ctx()
