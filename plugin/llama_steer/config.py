@@ -449,7 +449,8 @@ class SteeringConfig:
                 hint = " (transposed? rows are layers)" if heads.shape == (H, L) else ""
                 raise SteeringError(
                     f"heads array has shape {heads.shape} but the model has {L} layers x {H} "
-                    f"heads: pass a bool mask of shape ({L}, {H}){hint}"
+                    f"heads: pass a bool mask of shape ({L}, {H}){hint}",
+                    field="heads",
                 )
             return heads.array()
         if heads == "all":
@@ -458,7 +459,9 @@ class SteeringConfig:
             a, _, b = heads[7:].partition("-")
             lo, hi = int(a), int(b or a)
             if not 0 <= lo <= hi < L:
-                raise SteeringError(f"heads={heads!r}: the model has layers 0..{L - 1}")
+                raise SteeringError(
+                    f"heads={heads!r}: the model has layers 0..{L - 1}", field="heads"
+                )
             m = np.zeros((L, H), dtype=bool)
             m[lo : hi + 1] = True
             return m
@@ -467,7 +470,8 @@ class SteeringConfig:
             if not (0 <= layer < L and 0 <= head < H):
                 raise SteeringError(
                     f"head (layer {layer}, head {head}) is outside the model "
-                    f"({L} layers x {H} query heads, 0-based)"
+                    f"({L} layers x {H} query heads, 0-based)",
+                    field="heads",
                 )
             m[layer, head] = True
         return m

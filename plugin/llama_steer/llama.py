@@ -194,7 +194,10 @@ class _MtmdWatch:
         return rc
 
 
-class Llama(llama_cpp.Llama):
+_Parent = llama_cpp.Llama
+
+
+class Llama(_Parent):
     """``llama_cpp.Llama`` with attention steering.
 
     >>> from llama_steer import Llama, Steering, Text
@@ -218,7 +221,9 @@ class Llama(llama_cpp.Llama):
             return
         if not isinstance(steering, Steering):
             raise SteeringError(f"steering={steering!r}: pass a llama_steer.Steering")
-        bound = inspect.signature(llama_cpp.Llama.__init__).bind(self, *args, **kwargs)
+        # the parent's own signature (Llama.__mro__), not whatever llama_cpp.Llama names now:
+        # llama-cpp-python's server loader is run with a subclass standing in for it
+        bound = inspect.signature(_Parent.__init__).bind(self, *args, **kwargs)
         given = bound.arguments
         extra = given.get("kwargs", {})
         if given.get("flash_attn") or extra.get("flash_attn"):

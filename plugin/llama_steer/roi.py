@@ -52,6 +52,9 @@ __all__ = [
 class RoiError(SteeringError):
     """A region of interest that cannot be mapped; the message says why and what to use."""
 
+    def __init__(self, message: str, field: str | None = "roi"):
+        super().__init__(message, field=field)
+
 
 # -- targets -------------------------------------------------------------------------------
 @dataclass(frozen=True)

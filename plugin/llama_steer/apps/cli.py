@@ -674,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": "llama_steer.apps.evaluate",
         "look": "llama_steer.apps.look",
         "reason": "llama_steer.apps.reason",
+        "serve": "llama_steer.apps.serve",
     }
     try:
         if argv and argv[0] in commands:
