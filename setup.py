@@ -86,7 +86,9 @@ setup(
     package_dir={"": "plugin"},
     packages=find_packages("plugin"),
     include_package_data=True,
-    package_data={"llama_steer": ["models/*.gguf", "models/*.md", "headmaps/*.json"]},
+    package_data={
+        "llama_steer": ["models/*.gguf", "models/*.md", "headmaps/*.json", "apps/static/*"]
+    },
     setup_requires=["cffi>=1.17"],
     cffi_modules=["native/build_ffi.py:ffibuilder"],
     cmdclass={"build_py": BuildPy},

@@ -258,6 +258,25 @@ def test_bad_steering_is_a_400_that_names_the_fix_and_the_server_keeps_serving(s
     assert names(answer(server, chat_body(uri)), desc, 1)
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_bad_images_are_400s_steered_or_not(server, streamed):
+    """What the plain server answers with a 500 (an undecodable image) or drops (an image
+    larger than the context) is a 400 naming the fix, with or without steering."""
+    import base64
+
+    junk = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    huge = comics.data_uri(comics.render(comics.make_strip(1, "2x3")).resize((4000, 4000)))
+    for uri, words in ((junk, "could not be decoded"), (huge, "n_ctx")):
+        for steering in (None, {"roi": "panel:2@2x3"}):
+            body = chat_body(uri, steering, stream=streamed, max_tokens=4)
+            r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 400, (words, steering, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["param"] == "messages" and words in err["message"], err
+    desc, uri = strip(15)
+    assert names(answer(server, chat_body(uri, {"roi": "panel:3@2x3"})), desc, 3)
+
+
 def test_text_completions_take_steering_too(server, organism):
     r = httpx.post(
         server + "/v1/completions",

@@ -606,6 +606,29 @@ def headmap_dirs() -> list[Path]:
     return out
 
 
+_CANDIDATES: dict[Path, tuple[tuple[int, int], Headmap | None]] = {}
+
+
+def _candidate(path: Path) -> Headmap | None:
+    """The headmap in ``path``, parsed once per version of the file: every update() of a
+    Steering resolves its defaults, which looks the model's map up (a server does it twice a
+    request), and parsing the shipped maps took ~2 ms each time."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _CANDIDATES.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    try:
+        hm = Headmap.load(path)
+    except HeadmapError:
+        hm = None
+    _CANDIDATES[path] = (stamp, hm)
+    return hm
+
+
 def find_headmap(model: ModelIdentity) -> tuple[Headmap, Path] | None:
     """The headmap for ``model``: one scored on this very GGUF (same fingerprint) first, else
     one made without a GGUF (no fingerprint: a converted ranking) whose architecture and shape
@@ -621,9 +644,8 @@ def find_headmap(model: ModelIdentity) -> tuple[Headmap, Path] | None:
         for p in sorted(d.glob("*.json")):
             if p.name.endswith(".report.json"):
                 continue
-            try:
-                hm = Headmap.load(p)
-            except HeadmapError:
+            hm = _candidate(p)
+            if hm is None:
                 continue  # not a headmap (a report, a raw ranking): not a candidate
             m = hm.model
             if (m.architecture, m.n_layer, m.n_head, m.n_head_kv) != shape or not hm.heads:

@@ -93,13 +93,15 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/engines/copilot-codex/
 
 
 class RequestError(SteeringError):
-    """Bad steering in a request: HTTP 400; ``field`` names the key, ``message`` the fix.
-    str() carries both, so llama-cpp-python's route handler can tell it apart by its
-    message (the only hook it has: ``_register_error_format``)."""
+    """Bad input in a request: HTTP 400; ``field`` names the steering key, ``message`` the
+    fix (``param``: the request field, when not a steering key). str() carries both, so
+    llama-cpp-python's route handler can tell it apart by its message (the only hook it
+    has: ``_register_error_format``)."""
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, param: str | None = None):
         self.message = message
-        param = "steering" if field in (None, "steering") else f"steering.{field}"
+        if param is None:
+            param = "steering" if field in (None, "steering") else f"steering.{field}"
         super().__init__(f"[llama-steer {param}] {message}", field=field)
         self.param = param
 
@@ -257,6 +259,25 @@ def _as_request_error(e: Exception) -> RequestError:
     if field is None:
         field = next((k for k in KEYS if f"steering.{k}" in text), None)
     return RequestError(text, field=field)
+
+
+def _bad_input(e: Exception) -> RequestError | None:
+    """The request's fault, as a 400: steering, or an image llama.cpp cannot decode (the
+    plain server answers that with a 500)."""
+    if isinstance(e, SteeringError):
+        err = _as_request_error(e)
+        if err.field is None and not isinstance(e, RequestError):
+            # steering keys were checked one by one before: this is about the prompt (a
+            # context too small for the image, ...)
+            err = RequestError(err.message, param="messages")
+        return err
+    if "Failed to create bitmap" in str(e) or "Failed to load image" in str(e):
+        return RequestError(
+            "an image in the messages could not be decoded: send a PNG, JPEG, BMP or GIF as "
+            "a data: URI (or a URL the server can read)",
+            param="messages",
+        )
+    return None
 
 
 def _regions(observe, roi: tuple) -> dict | None:
@@ -444,9 +465,11 @@ def _served_class():
             self._serve_depth += 1
             try:
                 out = call(*args, **kwargs)
-            except SteeringError as e:  # met while the prompt was resolved: a 400
+            except (SteeringError, ValueError) as e:  # met while the prompt was laid out
                 run.finish()
-                err = _as_request_error(e)
+                err = _bad_input(e)
+                if err is None:
+                    raise
                 if state is not None:
                     state.error = err  # a stream's 200 is held back: the middleware sends this
                 raise err from None
@@ -633,7 +656,7 @@ def _error_body(e: RequestError, param: str | None = None) -> dict:
             "message": e.message,
             "type": "invalid_request_error",
             "param": param or e.param,
-            "code": "invalid_steering",
+            "code": "invalid_steering" if (param or e.param).startswith("steering") else None,
         }
     }
 
@@ -673,7 +696,6 @@ def create_app(settings=None, headmap=None, **overrides):
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)
     >>> # POST /v1/chat/completions {"messages": [...], "steering": {"roi": "panel:4@2x3"}}
     """
-    from fastapi import HTTPException
     from fastapi.responses import FileResponse, JSONResponse, Response
     from llama_cpp.server import app as server_app
     from llama_cpp.server.settings import ModelSettings
@@ -698,7 +720,17 @@ def create_app(settings=None, headmap=None, **overrides):
     @app.get("/steer/strip.png", tags=["llama-steer"])
     async def strip(layout: str = "2x3", seed: int = 0):
         if layout not in comics.LAYOUTS:
-            raise HTTPException(400, f"layout {layout!r}: use one of {list(comics.LAYOUTS)}")
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"layout {layout!r}: use one of {list(comics.LAYOUTS)}",
+                        "type": "invalid_request_error",
+                        "param": "layout",
+                        "code": None,
+                    }
+                },
+                status_code=400,
+            )
         return Response(
             comics.png_bytes(comics.render(comics.make_strip(seed, layout))), media_type="image/png"
         )
