@@ -277,33 +277,21 @@ def test_bad_images_are_400s_steered_or_not(server, streamed):
     assert names(answer(server, chat_body(uri, {"roi": "panel:3@2x3"})), desc, 3)
 
 
-def test_text_completions_take_steering_too(server, organism):
-    r = httpx.post(
-        server + "/v1/completions",
-        timeout=60,
-        json={
-            "prompt": "a red circle, then a blue square",
-            "max_tokens": 4,
-            "temperature": 0,
-            "steering": {"roi": 'text:"blue"', "mode": "bias", "strength": 0},
-        },
-    )
-    plain = httpx.post(
-        server + "/v1/completions",
-        timeout=60,
-        json={"prompt": "a red circle, then a blue square", "max_tokens": 4, "temperature": 0},
-    )
-    assert r.status_code == plain.status_code == 200
-    assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
-    bad = httpx.post(
-        server + "/v1/completions",
-        timeout=60,
-        json={
-            "prompt": "a red circle",
-            "max_tokens": 4,
-            "steering": {"roi": 'text:"green"', "mode": "bias", "strength": 3},
-        },
-    )
+def test_text_completions_take_steering_too(server):
+    def complete(prompt, steering=None):
+        body = {"prompt": prompt, "max_tokens": 4, "temperature": 0}
+        if steering is not None:
+            body["steering"] = steering
+        return httpx.post(server + "/v1/completions", json=body, timeout=60)
+
+    prompt = "a red circle, then a blue square"
+    off = complete(prompt, {"roi": 'text:"blue"', "mode": "bias", "strength": 0})
+    plain = complete(prompt)
+    assert off.status_code == plain.status_code == 200
+    assert off.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    on = complete(prompt, {"roi": 'text:"blue"', "mode": "bias", "strength": -30})
+    assert on.status_code == 200
+    bad = complete("a red circle", {"roi": 'text:"green"', "mode": "bias", "strength": 3})
     assert bad.status_code == 400 and "green" in bad.json()["error"]["message"]
 
 

@@ -171,6 +171,32 @@ def _wait(driver, cond, timeout, what):
         ) from None
 
 
+def _wait_for_answers(driver):
+    """Wait until both answers are done (or the page shows an error): the status element."""
+    from selenium.webdriver.common.by import By
+
+    status = driver.find_element(By.ID, "status")
+    _wait(
+        driver,
+        lambda d: status.text.startswith("done") or "error" in status.get_attribute("class"),
+        ANSWER_TIMEOUT_S,
+        "both answers",
+    )
+    assert "error" not in status.get_attribute("class"), status.text
+    return status
+
+
+def _open_page(driver, server: str) -> None:
+    """Load the page and wait for its demo strip."""
+    driver.get(server + "/")
+    _wait(
+        driver,
+        lambda d: d.execute_script("return document.getElementById('image').naturalWidth > 0"),
+        60,
+        "the demo strip image",
+    )
+
+
 def _screenshot_path(tmp_path, name="serve_page.png") -> Path:
     env = os.environ.get("LLAMA_STEER_SCREENSHOT")
     return Path(env) if env else tmp_path / name
@@ -274,13 +300,7 @@ def test_hover_panel_4_steers_the_streamed_answer(server, driver, tmp_path):
 def test_panel_outside_the_layout_is_the_servers_400(server, driver):
     from selenium.webdriver.common.by import By
 
-    driver.get(server + "/")
-    _wait(
-        driver,
-        lambda d: d.execute_script("return document.getElementById('image').naturalWidth > 0"),
-        60,
-        "the demo strip image",
-    )
+    _open_page(driver, server)
     driver.execute_script("window.steerDemo.ask('panel:9@2x3')")
     status = driver.find_element(By.ID, "status")
     _wait(driver, lambda d: "error" in status.get_attribute("class"), 60, "the error")
@@ -303,13 +323,7 @@ def test_an_uploaded_image_divided_by_the_layout_and_a_click(server, driver, tmp
     path.write_bytes(comics.png_bytes(comics.render(strip)))
     want = strip.panels[2].thing.name.lower().removeprefix("a ")
 
-    driver.get(server + "/")
-    _wait(
-        driver,
-        lambda d: d.execute_script("return document.getElementById('image').naturalWidth > 0"),
-        60,
-        "the demo strip image",
-    )
+    _open_page(driver, server)
     Select(driver.find_element(By.ID, "layout")).select_by_value("1x6")
     _wait(
         driver,
@@ -332,14 +346,7 @@ def test_an_uploaded_image_divided_by_the_layout_and_a_click(server, driver, tmp
     assert len(cells) == 6
     cell3 = driver.find_element(By.CSS_SELECTOR, '.panel[data-panel="3"]')
     ActionChains(driver).move_to_element(cell3).click().perform()  # at its centre
-    status = driver.find_element(By.ID, "status")
-    _wait(
-        driver,
-        lambda d: status.text.startswith("done") or "error" in status.get_attribute("class"),
-        ANSWER_TIMEOUT_S,
-        "both answers",
-    )
-    assert "error" not in status.get_attribute("class"), status.text
+    _wait_for_answers(driver)
     steered = driver.find_element(By.ID, "steered").text
     regions = {
         t.get_attribute("data-region")
@@ -361,13 +368,7 @@ def test_retarget_mid_answer_moves_the_rest_of_the_stream(server, driver):
     strip = comics.make_strip(0, "2x3")
     want6 = strip.panels[5].thing.name.lower().removeprefix("a ")
 
-    driver.get(server + "/")
-    _wait(
-        driver,
-        lambda d: d.execute_script("return document.getElementById('image').naturalWidth > 0"),
-        60,
-        "the demo strip image",
-    )
+    _open_page(driver, server)
     q = driver.find_element(By.ID, "question")
     q.clear()
     q.send_keys("Describe the strip.")  # a long answer: time to move while it streams
@@ -379,14 +380,7 @@ def test_retarget_mid_answer_moves_the_rest_of_the_stream(server, driver):
     driver.execute_script(
         "window.steerDemo.ask('panel:4@2x3'); window.steerDemo.ask('panel:6@2x3');"
     )
-    status = driver.find_element(By.ID, "status")
-    _wait(
-        driver,
-        lambda d: status.text.startswith("done") or "error" in status.get_attribute("class"),
-        ANSWER_TIMEOUT_S,
-        "both answers",
-    )
-    assert "error" not in status.get_attribute("class"), status.text
+    status = _wait_for_answers(driver)
     marks = driver.find_elements(By.CSS_SELECTOR, "#steered span.switch")
     assert [m.get_attribute("data-roi") for m in marks] == ["panel:6@2x3"], status.text
     after = driver.execute_script(
