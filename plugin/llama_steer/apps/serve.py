@@ -351,18 +351,20 @@ class _Run:
 
     def start(self) -> None:
         llm = self.llm
-        old = llm._serve_run
-        if old is not None:
-            old.finish()  # an abandoned stream: its observer and registration go
-        llm._serve_run = self
-        try:
-            _set(llm, self.rs.config if self.rs is not None else llm._serve_off)
-        except SteeringError as e:  # heads out of range, a headmap for another model, ...
-            llm._serve_run = None
-            _set(llm, llm._serve_off)
-            raise _as_request_error(e) from None
-        if self.rs is not None and self.rs.regions is not None:
-            self.obs = llm.steering.observe(self.rs.regions)
+        # the lock: an abandoned stream's generator may be closed (and finish) by the garbage
+        # collector in another thread while this run starts
+        with llm._serve_lock:
+            old = llm._serve_run
+            if old is not None:
+                old.finish()  # an abandoned stream: its observer and registration go
+            llm._serve_run = self
+            try:
+                _set(llm, self.rs.config if self.rs is not None else llm._serve_off)
+                if self.rs is not None and self.rs.regions is not None:
+                    self.obs = llm.steering.observe(self.rs.regions)
+            except SteeringError as e:  # heads out of range, a headmap for another model, ...
+                self.finish()
+                raise _as_request_error(e) from None
 
     def logits_processor(self, input_ids, scores):
         # called once per generated token, after the eval whose logits pick it: the observer
@@ -396,16 +398,18 @@ class _Run:
                 _LIVE[completion_id] = self
 
     def finish(self) -> None:
+        """Safe twice, and from another thread (see start)."""
         if self.completion_id is not None:
             with _LIVE_LOCK:
                 if _LIVE.get(self.completion_id) is self:
                     del _LIVE[self.completion_id]
-        if self.obs is not None:
-            self.obs.close()
-            self.obs = None
-        if self.current:
-            self.llm._serve_run = None
-            _set(self.llm, self.llm._serve_off)
+        with self.llm._serve_lock:
+            if self.obs is not None:
+                self.obs.close()
+                self.obs = None
+            if self.current:
+                self.llm._serve_run = None
+                _set(self.llm, self.llm._serve_off)
 
 
 def _set(llm, config: SteeringConfig) -> None:
@@ -428,6 +432,7 @@ def _served_class():
 
         def __init__(self, *args, **kwargs):
             self._serve_run: _Run | None = None
+            self._serve_lock = threading.RLock()
             self._serve_depth = 0
             # between requests: no ROI, so no edit (the plain model, token for token)
             self._serve_off = SteeringConfig(headmap=self._serve_default_headmap)
