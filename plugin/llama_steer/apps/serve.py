@@ -6,7 +6,7 @@
          "steering": {"roi": "panel:4@2x3"}}'
 
 The app is ``llama_cpp.server.app.create_app`` with its settings and flags (``--n_ctx``,
-``--api_key``, ``--config_file`` ...; llama.cpp-style aliases ``-m``, ``--mmproj``, ``-c``,
+``--api_key``, ``--chat_format`` ...; llama.cpp-style aliases ``-m``, ``--mmproj``, ``-c``,
 ``-ngl``, ``-t``); llama-steer adds:
 
 - a ``steering`` object in ``/v1/chat/completions`` and ``/v1/completions`` bodies, keys named
