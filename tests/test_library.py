@@ -228,3 +228,15 @@ def test_no_app_reaches_into_private_steering_state():
     for path in files:
         hits = pattern.findall(path.read_text())
         assert not hits, f"{path.relative_to(ROOT)}: {sorted(set(hits))}"
+
+
+def test_a_prompt_cache_is_refused_while_steering(make_llm):
+    import llama_cpp
+
+    from llama_steer import Text
+
+    llm = make_llm(Steering(roi=Text("Berlin"), strength=2.0))
+    with pytest.raises(SteeringError, match="prompt cache"):
+        llm.set_cache(llama_cpp.LlamaRAMCache())
+    plain = make_llm()  # no steering: the parent's behaviour
+    plain.set_cache(llama_cpp.LlamaRAMCache())

@@ -588,6 +588,18 @@ class Llama(_Parent):
         if self._steer_hook is not None:
             self._steer_next_phase = _native.PHASE_PREFILL
 
+    def set_cache(self, cache) -> None:
+        """llama-cpp-python's prompt cache restores saved KV state whose cells were computed
+        under whatever steering was on then, which steering cannot see: refused while a
+        steering hook is installed (prefix reuse within the context stays on)."""
+        if cache is not None and self._steer_hook is not None:
+            raise SteeringError(
+                "a prompt cache (set_cache, the server's --cache) restores KV state computed "
+                "under another steering config, so the unsteered model would not be the plain "
+                "model: leave the cache off (llama-steer keeps llama-cpp-python's prefix reuse)"
+            )
+        super().set_cache(cache)
+
     # -- observation ------------------------------------------------------------------------
     def _steer_attention_to(self, targets: tuple, steered: bool) -> np.ndarray:
         st, hook = self._steering, self._steer_hook
