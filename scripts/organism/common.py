@@ -281,3 +281,15 @@ class Encoder:
         head = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
         tail = f"<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
         return self.ids(head) + [self.image_pad] * n_image_tokens + self.ids(tail)
+
+
+def presence(desc) -> np.ndarray:
+    """(7 + 6 + 42,) float32 multi-hot of a Strip's or Scene's objects: colours, shapes, and
+    (colour, shape) pairs, colour-major."""
+    things = [p.thing for p in desc.panels] if isinstance(desc, comics.Strip) else desc.things
+    nc, ns = len(comics.COLOURS), len(comics.SHAPES)
+    out = np.zeros(nc + ns + nc * ns, np.float32)
+    for t in things:
+        c, s = comics.COLOURS.index(t.colour), comics.SHAPES.index(t.shape)
+        out[[c, nc + s, nc + ns + c * ns + s]] = 1
+    return out

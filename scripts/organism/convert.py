@@ -12,6 +12,10 @@ on a missing module rather than a missing file when sentencepiece is not install
 obstacles are handled when the HF directory is written (common.save_hf_dir: top-level
 ``architectures``; chat template in tokenizer_config.json) and by the model shape (vision
 depth >= 3).
+
+Organism v2 (Qwen3-VL, ``train_v2.py``) converts with the same patches under its own names:
+``--hf ~/.cache/llama-steer/organism-v2/hf --text-name organism-v2-f16.gguf
+--mmproj-name mmproj-organism-v2-f16.gguf --out DIR``.
 """
 
 from __future__ import annotations
@@ -49,13 +53,17 @@ def main() -> None:
     ap.add_argument("--out", default="plugin/llama_steer/models")
     ap.add_argument("--llama-cpp", default="/tmp/dl/llama_cpp_python-0.3.36/vendor/llama.cpp")
     ap.add_argument("--outtype", default="f16")
+    ap.add_argument("--text-name", default=TEXT_NAME, help="v2: e.g. organism-v2-f16.gguf")
+    ap.add_argument(
+        "--mmproj-name", default=MMPROJ_NAME, help="v2: e.g. mmproj-organism-v2-f16.gguf"
+    )
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     root = str(Path(args.llama_cpp).resolve())
     jobs = [
-        (out / TEXT_NAME, []),
-        (out / MMPROJ_NAME, ["--mmproj"]),
+        (out / args.text_name, []),
+        (out / args.mmproj_name, ["--mmproj"]),
     ]
     for path, extra in jobs:
         argv = ["convert_hf_to_gguf.py", args.hf, "--outtype", args.outtype, "--outfile", str(path)]

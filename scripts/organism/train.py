@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import Encoder, build_config, build_tokenizer, comics, patchify, save_hf_dir
+from common import (
+    Encoder,
+    build_config,
+    build_tokenizer,
+    comics,
+    patchify,
+    presence,
+    save_hf_dir,
+)
 
 CPU_FREE = "/tmp/llama-steer-cpu-free"
 EVAL_SEED = 10**9
@@ -42,18 +50,6 @@ class AuxHeads(torch.nn.Module):
         self.bag = torch.nn.Linear(hidden, nc + ns + nc * ns)
         # per yes/no answer: the colour and the shape the question asks about
         self.query = torch.nn.Linear(hidden, nc + ns)
-
-
-def presence(desc) -> np.ndarray:
-    """(7 + 6 + 42,) float32 multi-hot of a Strip's or Scene's objects: colours, shapes, and
-    (colour, shape) pairs, colour-major."""
-    things = [p.thing for p in desc.panels] if isinstance(desc, comics.Strip) else desc.things
-    nc, ns = len(comics.COLOURS), len(comics.SHAPES)
-    out = np.zeros(nc + ns + nc * ns, np.float32)
-    for t in things:
-        c, s = comics.COLOURS.index(t.colour), comics.SHAPES.index(t.shape)
-        out[[c, nc + s, nc + ns + c * ns + s]] = 1
-    return out
 
 
 def augment(img, desc, rng: np.random.Generator):
@@ -183,6 +179,38 @@ def forward(model, heads, batch, captured):
 
 
 @torch.no_grad()
+def capture(model, args) -> dict:
+    """Forward hooks the training-only heads read (v1 and v2): "v" the merger's output (the
+    tokens the LM receives), and with --bag-weight "h" the hidden states of --bag-layer."""
+    captured = {}
+
+    def hook(_m, _i, o):
+        captured["v"] = o if torch.is_tensor(o) else o[0]
+
+    model.model.visual.register_forward_hook(hook)
+    if args.bag_weight > 0:
+        captured["bag_weight"] = args.bag_weight
+        captured["query_weight"] = args.query_weight
+
+        def hook_h(_m, _i, o):
+            captured["h"] = o if torch.is_tensor(o) else o[0]
+
+        model.model.language_model.layers[args.bag_layer].register_forward_hook(hook_h)
+    return captured
+
+
+def lr_schedule(args):
+    """Linear warm-up, then cosine down to 5% of --lr at --steps."""
+
+    def lr_at(s):
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        frac = min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    return lr_at
+
+
 def held_out(model, heads, enc, captured, per_task: int = 24) -> dict[str, float]:
     model.eval()
     res = {}
@@ -298,26 +326,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M; vocab {len(tok)}", flush=True)
     enc = Encoder(tok)
-    captured = {}
-
-    def hook(_m, _i, o):
-        captured["v"] = o if torch.is_tensor(o) else o[0]
-
-    model.model.visual.register_forward_hook(hook)
-    if args.bag_weight > 0:
-        captured["bag_weight"] = args.bag_weight
-        captured["query_weight"] = args.query_weight
-
-        def hook_h(_m, _i, o):
-            captured["h"] = o if torch.is_tensor(o) else o[0]
-
-        model.model.language_model.layers[args.bag_layer].register_forward_hook(hook_h)
-
-    def lr_at(s):
-        if s < args.warmup:
-            return args.lr * (s + 1) / args.warmup
-        frac = min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    captured = capture(model, args)
+    lr_at = lr_schedule(args)
 
     def save():
         tmp = out / "ckpt.tmp"
