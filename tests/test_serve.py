@@ -411,3 +411,43 @@ def test_curl(server):
     assert names(json.loads(out.stdout)["choices"][0]["message"]["content"], desc, 4)
     page = subprocess.run(["curl", "-s", server + "/"], capture_output=True, text=True)
     assert "<html" in page.stdout.lower()
+
+
+def test_the_command_line_serves_with_a_named_headmap_and_refuses_bad_files(tmp_path):
+    """`llama-steer serve` as a user runs it: --headmap is every request's default (shown by
+    /steer/info); a file that is no headmap, or -m that is no GGUF, exits 2 naming it."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    serve = [sys.executable, "-m", "llama_steer.apps.serve"]
+    bad = tmp_path / "not-a-headmap.json"
+    bad.write_text('{"hello": 1}')
+    for args, words in ((["--headmap", str(bad)], "headmap"), (["-m", str(bad)], "GGUF")):
+        r = subprocess.run(serve + args, capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2 and words in r.stderr, (args, r.returncode, r.stderr[-500:])
+    hm = str(Path(__file__).resolve().parents[1] / "headmaps" / "organism.json")
+    port = _free_port()
+    proc = subprocess.Popen(
+        serve + ["--port", str(port), "-t", "1", "--headmap", hm],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(600):
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/steer/info", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.2)
+        assert info.json()["headmap"] == hm
+        desc, uri = strip(16)
+        assert names(
+            answer(f"http://127.0.0.1:{port}", chat_body(uri, {"roi": "panel:5@2x3"})), desc, 5
+        )
+    finally:
+        proc.terminate()
+        proc.wait(30)
