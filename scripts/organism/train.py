@@ -199,6 +199,18 @@ def capture(model, args) -> dict:
     return captured
 
 
+def train_step(model, heads, opt, params, batch, captured, aux_weight: float):
+    """One optimiser step on the answer loss plus aux_weight x the training-only heads' loss
+    (gradients clipped to norm 1): (answer loss, aux loss) as floats."""
+    a_loss, x_loss, _, _ = forward(model, heads, batch, captured)
+    loss = a_loss + aux_weight * x_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return a_loss.item(), x_loss.item()
+
+
 def lr_schedule(args):
     """Linear warm-up, then cosine down to 5% of --lr at --steps."""
 
@@ -371,18 +383,13 @@ def main() -> None:
             for i in range(args.batch)
         ]
         batch = collate(samples, enc.pad)
-        a_loss, x_loss, _, _ = forward(model, heads, batch, captured)
-        loss = a_loss + args.aux_weight * x_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        a_loss, x_loss = train_step(model, heads, opt, params, batch, captured, args.aux_weight)
         step += 1
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        acc_a += a_loss.item()
-        acc_x += x_loss.item()
+        acc_a += a_loss
+        acc_x += x_loss
         n_acc += 1
         if args.bench and step >= args.bench:
             print(f"{elapsed / step:.3f} s/step", flush=True)

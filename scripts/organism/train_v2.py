@@ -33,7 +33,15 @@ import numpy as np
 import torch
 import v2
 from common import Encoder, build_tokenizer, comics
-from train import AuxHeads, capture, collate, forward, lr_schedule, task_weights
+from train import (
+    AuxHeads,
+    capture,
+    collate,
+    forward,
+    lr_schedule,
+    task_weights,
+    train_step,
+)
 
 EVAL_SEED = 10**9  # training seeds stay below 10**8
 _ENC = None  # the Encoder, inherited by forked data workers
@@ -273,18 +281,13 @@ def main() -> None:
             g["lr"] = lr_at(step)
         samples = batches.get(step)
         batch = to(collate(samples, enc.pad), args.device)
-        a_loss, x_loss, _, _ = forward(model, heads, batch, captured)
-        loss = a_loss + args.aux_weight * x_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        a_loss, x_loss = train_step(model, heads, opt, params, batch, captured, args.aux_weight)
         step += 1
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        acc_a += a_loss.item()
-        acc_x += x_loss.item()
+        acc_a += a_loss
+        acc_x += x_loss
         n_acc += 1
         if args.bench and step >= args.bench:
             print(f"{(now - t_start) / args.bench:.3f} s/step", flush=True)
