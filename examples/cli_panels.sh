@@ -4,30 +4,33 @@
 #
 #   OMP_WAIT_POLICY=passive bash examples/cli_panels.sh [N_STRIPS] [extra llama-steer flags]
 #
-# Strips: the package's generator (held-out seeds from 6*10**9, layouts alternating 2x3 / 1x6),
-# written as PNGs; model: the embedded organism; heads, strength, decode-only and focus: the
-# model's headmap, which llama-steer picks by itself (HEADMAP=FILE passes --headmap FILE). One
-# process per answer, so this also exercises start-up; about 0.5 s per answer on 2 cores.
+# Strips: the package's generator (held-out seeds from 6*10**9, layouts in turn 1x6, 2x3, 3x2,
+# 6x1, panel sides in the band training never drew), drawn by the renderer training never saw
+# (RENDERER=sdf; pillow and numpy are the training renderers) and written as PNGs; each
+# panel has its own width and height, so the ROI is the panel's pixel box (--roi box:...).
+# Model: the embedded organism; heads, strength, decode-only and focus: the model's headmap,
+# which llama-steer picks by itself (HEADMAP=FILE passes --headmap FILE). One process per
+# answer, so this also exercises start-up; about 0.5 s per answer on 2 cores.
 set -euo pipefail
 N=${1:-20}
 shift || true
 HEADMAP=${HEADMAP:-}
+RENDERER=${RENDERER:-sdf}
 DIR=$(mktemp -d)
 trap 'rm -rf "$DIR"' EXIT
-python - "$N" "$DIR" <<'PY'
+python - "$N" "$DIR" "$RENDERER" <<'PY'
 import sys
 from llama_steer import comics
-n, d = int(sys.argv[1]), sys.argv[2]
+n, d, renderer = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 with open(f"{d}/truth.tsv", "w") as f:
     for i in range(n):
-        layout = ("2x3", "1x6")[i % 2]
-        strip = comics.make_strip(6 * 10**9 + i, layout)
-        comics.render(strip).save(f"{d}/{i}.png")
-        rows, cols = comics.LAYOUTS[layout]
+        layout = list(comics.LAYOUTS_V2)[i % 4]
+        strip = comics.make_strip_v2(6 * 10**9 + i, layout, "heldout")
+        comics.render_v2(strip, renderer).save(f"{d}/{i}.png")
         names = [p.thing.name for p in strip.panels]
-        for k in range(2, 7):
-            if names[k - 1] != names[0]:  # same object as panel 1: a steer could not show
-                f.write(f"{i}\tpanel:{k}@{rows}x{cols}\t{names[k - 1]}\n")
+        for p in strip.panels[1:]:
+            if p.thing.name != names[0]:  # same object as panel 1: a steer could not show
+                f.write(f"{i}\tbox:{','.join(map(str, p.box))}\t{p.thing.name}\n")
 PY
 ok=0
 total=0

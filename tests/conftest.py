@@ -52,9 +52,7 @@ def make_llm(gemma_path):
         llm.close()
 
 
-@pytest.fixture(scope="session")
-def organism():
-    """(model, mmproj) of the embedded VLM; LLAMA_STEER_ORGANISM_DIR overrides the package's."""
+def _organism_pair(name: str) -> tuple[str, str]:
     from pathlib import Path
 
     import llama_steer
@@ -62,10 +60,22 @@ def organism():
     d = Path(
         os.environ.get("LLAMA_STEER_ORGANISM_DIR") or Path(llama_steer.__file__).parent / "models"
     )
-    pair = (d / "organism-f16.gguf", d / "mmproj-organism-f16.gguf")
+    pair = (d / f"{name}-f16.gguf", d / f"mmproj-{name}-f16.gguf")
     if not all(p.exists() for p in pair):
-        pytest.skip(f"the embedded VLM is not in {d}")
+        pytest.skip(f"{name} is not in {d}")
     return tuple(str(p) for p in pair)
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """(model, mmproj) of the embedded VLM; LLAMA_STEER_ORGANISM_DIR overrides the package's."""
+    return _organism_pair("organism")
+
+
+@pytest.fixture(scope="session")
+def organism_v2():
+    """(model, mmproj) of organism v2, the Qwen3-VL-architecture VLM shipped beside it."""
+    return _organism_pair("organism-v2")
 
 
 def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,13 +1,16 @@
 """Reference last-prompt-token logits of the PyTorch model, for the llama.cpp parity test.
 
     python scripts/organism/reference.py --hf /tmp/organism/hf --out tests/data
+    python scripts/organism/reference.py --arch v2 --hf ~/.cache/llama-steer/organism-v2/hf
     OMP_WAIT_POLICY=passive python scripts/organism/reference.py --check-gguf   # compare only
 
-Fixed input: comics.make_strip(0, "2x3") drawn by the Pillow renderer (also stored as
-organism_ref_strip.png, so the test does not depend on Pillow's rasteriser), one user turn
-[image, "What is in panel 3?"] in the Qwen2-VL chat layout with the default system prompt,
-generation prompt appended. Writes organism_ref_logits.npy (float32, [vocab]) and
-organism_ref.json (recipe, prompt token ids, argmax, top-5).
+Fixed input, v1: comics.make_strip(0, "2x3") drawn by the Pillow renderer; v2:
+comics.make_strip_v2(0, "3x2", "heldout") drawn by the held-out "sdf" renderer (277 x 190 px:
+not a multiple of 32, so mtmd's resize and letterbox are part of the comparison). The image is
+stored as PREFIX_strip.png, so the test does not depend on the rasteriser; one user turn
+[image, "What is in panel 3?"] in the Qwen-VL chat layout with the default system prompt,
+generation prompt appended. Writes PREFIX_logits.npy (float32, [vocab]) and PREFIX.json
+(recipe, prompt token ids, argmax, top-5); PREFIX is organism_ref (v1) or organism_v2_ref.
 """
 
 from __future__ import annotations
@@ -20,28 +23,59 @@ import numpy as np
 from common import REPO, Encoder, comics, patchify
 
 QUESTION = "What is in panel 3?"
-SEED, LAYOUT = 0, "2x3"
+ARCHS = {  # arch -> (transformers class, file prefix, model, mmproj, strip recipe)
+    "v1": (
+        "Qwen2VLForConditionalGeneration",
+        "organism_ref",
+        "organism-f16.gguf",
+        "mmproj-organism-f16.gguf",
+        "comics.render(comics.make_strip(0, '2x3'), 'pillow')",
+    ),
+    "v2": (
+        "Qwen3VLForConditionalGeneration",
+        "organism_v2_ref",
+        "organism-v2-f16.gguf",
+        "mmproj-organism-v2-f16.gguf",
+        "comics.render_v2(comics.make_strip_v2(0, '3x2', 'heldout'), 'sdf')",
+    ),
+}
 
 
-def torch_logits(hf: str, png: Path):
+def strip_of(arch: str):
+    """(description, image) of the fixed input."""
+    if arch == "v1":
+        desc = comics.make_strip(0, "2x3")
+        return desc, comics.render(desc, "pillow")
+    desc = comics.make_strip_v2(0, "3x2", "heldout")
+    return desc, comics.render_v2(desc, "sdf")
+
+
+def torch_logits(hf: str, png: Path, arch: str = "v1"):
     import torch
+    import transformers
     from PIL import Image
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(hf)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(hf, torch_dtype=torch.float32).eval()
-    inputs = torch_inputs(tok, Image.open(png), QUESTION)
+    cls = getattr(transformers, ARCHS[arch][0])
+    model = cls.from_pretrained(hf, dtype=torch.float32).eval()
+    inputs = torch_inputs(tok, Image.open(png), QUESTION, arch)
     with torch.no_grad():
         out = model(**inputs)
     return out.logits[0, -1].float().numpy(), inputs["input_ids"][0].tolist(), tok
 
 
-def torch_inputs(tok, img, question: str) -> dict:
+def torch_inputs(tok, img, question: str, arch: str = "v1") -> dict:
     """transformers inputs for one user turn [image, question] in the chat layout."""
     import torch
 
-    pix, grid = patchify(img.convert("RGB"))
+    if arch == "v2":
+        import v2
+
+        pix, grid = v2.patchify(img.convert("RGB"))
+    else:
+        pix, grid = patchify(img.convert("RGB"))
     ids = Encoder(tok).prompt(grid[1] * grid[2] // 4, question)
     return dict(
         input_ids=torch.tensor([ids]),
@@ -81,21 +115,25 @@ def main() -> None:
     ap.add_argument("--hf", default="/tmp/organism/hf")
     ap.add_argument("--out", default=str(REPO / "tests" / "data"))
     ap.add_argument("--check-gguf", action="store_true")
-    models = REPO / "plugin" / "llama_steer" / "models"
-    ap.add_argument("--model", default=str(models / "organism-f16.gguf"))
-    ap.add_argument("--mmproj", default=str(models / "mmproj-organism-f16.gguf"))
+    ap.add_argument("--arch", default="v1", choices=sorted(ARCHS))
+    ap.add_argument("--model", default=None, help="default: the package's pair of --arch")
+    ap.add_argument("--mmproj", default=None)
     args = ap.parse_args()
+    _, prefix, model_name, mmproj_name, recipe = ARCHS[args.arch]
+    models = REPO / "plugin" / "llama_steer" / "models"
+    args.model = args.model or str(models / model_name)
+    args.mmproj = args.mmproj or str(models / mmproj_name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    png = out / "organism_ref_strip.png"
+    png = out / f"{prefix}_strip.png"
     if not args.check_gguf:
-        strip = comics.make_strip(SEED, LAYOUT)
-        comics.render(strip, "pillow").save(png)
-        logits, ids, tok = torch_logits(args.hf, png)
-        np.save(out / "organism_ref_logits.npy", logits.astype(np.float32))
+        strip, img = strip_of(args.arch)
+        img.save(png)
+        logits, ids, tok = torch_logits(args.hf, png, args.arch)
+        np.save(out / f"{prefix}_logits.npy", logits.astype(np.float32))
         top = np.argsort(-logits)[:5]
         meta = dict(
-            image=f"comics.render(comics.make_strip({SEED}, {LAYOUT!r}), 'pillow') == {png.name}",
+            image=f"{recipe} == {png.name}",
             question=QUESTION,
             messages="[{role: user, content: [image_url(png data URI), text(question)]}]",
             prompt_token_ids=ids,
@@ -105,9 +143,9 @@ def main() -> None:
             argmax_piece=tok.convert_ids_to_tokens(int(top[0])),
             top5=[[int(t), tok.convert_ids_to_tokens(int(t)), float(logits[t])] for t in top],
         )
-        (out / "organism_ref.json").write_text(json.dumps(meta, indent=1))
+        (out / f"{prefix}.json").write_text(json.dumps(meta, indent=1))
         print(json.dumps({k: v for k, v in meta.items() if k != "prompt_token_ids"}, indent=1))
-    ref = np.load(out / "organism_ref_logits.npy")
+    ref = np.load(out / f"{prefix}_logits.npy")
     if Path(args.model).exists():
         got, n_prompt = gguf_logits(Path(args.model), Path(args.mmproj), png)
         err = np.abs(got - ref).max() / np.abs(ref).max()

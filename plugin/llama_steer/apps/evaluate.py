@@ -42,7 +42,7 @@ from llama_steer._errors import SteeringError
 from llama_steer.messages import user_message
 from llama_steer.metrics import bootstrap_ci, distinct_n, spearman, stutter_rate
 from llama_steer.metrics import kl as kl_
-from llama_steer.roi import Panel
+from llama_steer.roi import Box
 
 _COLOUR, _SHAPE = "|".join(comics.COLOURS), "|".join(comics.SHAPES)
 _OBJ = re.compile(rf"\b({_COLOUR})\s+({_SHAPE})\b")
@@ -79,6 +79,14 @@ def caption_judge(answer: str, captions: list[str]) -> int:
         if f1 > best_f1:
             best, best_f1 = k, f1
     return best
+
+
+def panel_roi(desc, k: int) -> str:
+    """The ROI of panel ``k`` (1-based) of a strip: its own pixel box. Panels of a
+    ``comics`` v2 strip have their own widths and heights, so an equal grid
+    (``panel:k@RxC``) would cut across them."""
+    x0, y0, x1, y1 = desc.panels[k - 1].box
+    return f"box:{x0},{y0},{x1},{y1}"
 
 
 def panel_of(desc) -> dict[str, int]:
@@ -145,10 +153,18 @@ class Evaluator:
         decode_only: bool = True,
         max_tokens: int = 12,
         focus: str | None = None,
+        renderer: str = "sdf",
     ):
         self.llm, self.steer = llm, llm.steering
         self.strength, self.decode_only, self.max_tokens = strength, decode_only, max_tokens
-        self.focus = focus
+        self.focus, self.renderer = focus, renderer
+
+    def draw(self, desc):
+        """The image of a strip or scene: a v2 one drawn by this evaluation's renderer, a
+        v1 one (``comics.make_strip``) by v1's own Pillow code."""
+        if isinstance(desc, (comics.StyledStrip, comics.StyledScene)):
+            return comics.render_v2(desc, self.renderer)
+        return comics.render(desc)
 
     def ask(self, img, question: str, max_tokens: int | None = None) -> str:
         m = [user_message(question, [img])]
@@ -168,22 +184,22 @@ class Evaluator:
         )
 
     def _off(self) -> None:
-        self.steer.update(strength=0.0)
+        # the ROI goes too: a pixel box of this image need not fit the next one
+        self.steer.update(strength=0.0, roi=None)
 
     # -- experiments ------------------------------------------------------------------------
     def narration(self, strips, sets: dict) -> dict:
         recs = {name: [] for name in sets}
         degen = {name: [] for name in sets}
         for desc in strips:
-            img = comics.render(desc)
-            rows, cols = comics.LAYOUTS[desc.layout]
+            img = self.draw(desc)
             self._off()
             base = self.ask(img, "What is in this panel?")
             for name, heads in sets.items():
                 for k in range(2, 7):
                     if desc.panels[k - 1].thing.name == desc.panels[0].thing.name:
                         continue
-                    self._steer(heads, f"panel:{k}@{rows}x{cols}")
+                    self._steer(heads, panel_roi(desc, k))
                     ans = self.ask(img, "What is in this panel?")
                     named = objects_in(ans)
                     ok = ans != base and named[:1] == [desc.panels[k - 1].thing.name]
@@ -196,14 +212,13 @@ class Evaluator:
         recs = {name: [] for name in sets}
         degen = {name: [] for name in sets}
         for desc in strips:
-            img = comics.render(desc)
-            rows, cols = comics.LAYOUTS[desc.layout]
+            img = self.draw(desc)
             i = int(rng.integers(1, 7))
             j = int(rng.choice([x for x in range(1, 7) if x != i]))
             if desc.panels[i - 1].thing.name == desc.panels[j - 1].thing.name:
                 continue
             for name, heads in sets.items():
-                self._steer(heads, f"panel:{j}@{rows}x{cols}")
+                self._steer(heads, panel_roi(desc, j))
                 ans = self.ask(img, f"What is in panel {i}?")
                 recs[name].append(float(objects_in(ans)[:1] == [desc.panels[j - 1].thing.name]))
                 degen[name].append(distinct_n(ans.split(), 2))
@@ -217,7 +232,7 @@ class Evaluator:
         degen = {name: [] for name in sets}
         q = "What objects are in the image?"
         for desc in scenes:
-            img = comics.render(desc)
+            img = self.draw(desc)
             self._off()
             base = self.ask(img, q, max_tokens=24)
             first = objects_in(base)[:1]
@@ -241,13 +256,12 @@ class Evaluator:
         rng = np.random.default_rng(seed)
         seg_ok, rhos, stairs, formed, stutter = [], [], [], [], []
         for desc in strips:
-            img = comics.render(desc)
-            rows, cols = comics.LAYOUTS[desc.layout]
+            img = self.draw(desc)
             order = _derangement(rng)
             m = [user_message("Describe the strip.", [img])]
-            self._steer(heads, f"panel:{order[0]}@{rows}x{cols}")
+            self._steer(heads, panel_roi(desc, order[0]))
             self.llm.create_chat_completion(m, max_tokens=1, temperature=0)  # lays out the image
-            panels = [Panel(k, grid=(rows, cols)) for k in range(1, 7)]
+            panels = [Box(*p.box) for p in desc.panels]
             text, targets, attended = [], [], []
             with self.steer.observe(panels) as obs:
                 stream = self.llm.create_chat_completion(
@@ -264,7 +278,7 @@ class Evaluator:
                     targets.append(target)
                     n += 1
                     if n % every == 0 and n // every < 6:
-                        self.steer.retarget(f"panel:{order[n // every]}@{rows}x{cols}")
+                        self.steer.retarget(panel_roi(desc, order[n // every]))
             hits, described = judge_schedule(text, targets, order, panel_of(desc), every)
             seg_ok.extend(hits)
             if len(described) >= 2:
@@ -299,7 +313,7 @@ class Evaluator:
                 )
             by_kind: dict = {}
             for desc, kind, q, truth in qs:
-                ans = self.ask(comics.render(desc), q, max_tokens=3).lower()
+                ans = self.ask(self.draw(desc), q, max_tokens=3).lower()
                 said = "yes" if ans.startswith("yes") else "no" if ans.startswith("no") else "?"
                 by_kind.setdefault(kind, []).append((truth, said))
             out[setting] = {k: _pope_scores(v) for k, v in by_kind.items()}
@@ -316,18 +330,16 @@ class Evaluator:
             for s in strengths:
                 acc, focus, kls, dist = [], [], [], []
                 for i, desc in enumerate(strips):
-                    img = comics.render(desc)
-                    rows, cols = comics.LAYOUTS[desc.layout]
+                    img = self.draw(desc)
                     if i not in base:
                         self._off()
                         base[i] = self._probe(img)
                     for t in range(2, 7):
                         if desc.panels[t - 1].thing.name == desc.panels[0].thing.name:
                             continue
-                        roi = f"panel:{t}@{rows}x{cols}"
                         self.steer.update(
                             heads=heads,
-                            roi=roi,
+                            roi=panel_roi(desc, t),
                             mode="redirect",
                             strength=s,
                             decode_only=self.decode_only,
@@ -340,7 +352,7 @@ class Evaluator:
                         if logits is not None and b_logits is not None:
                             kls.append(float(kl_(b_logits, logits)))
                         g = self.llm.images[0].grid
-                        cells = g.box_tokens(*Panel(t, grid=(rows, cols)).box(g.width, g.height))
+                        cells = g.box_tokens(*desc.panels[t - 1].box)
                         focus.append(
                             float(att[cells].sum() - base[i][2][cells].sum())
                             if base[i][2] is not None
@@ -575,7 +587,25 @@ def main(argv: list[str] | None = None) -> int:
         help="image ROIs: only tokens showing something (default: the headmap's, else none)",
     )
     p.add_argument("--n-strips", type=int, default=100)
-    p.add_argument("--layout", default="both", choices=["both", "2x3", "1x6"])
+    p.add_argument(
+        "--layout",
+        default="all",
+        choices=["all", *comics.LAYOUTS_V2],
+        help="strip layouts, in turn (all: 1x6, 2x3, 3x2, 6x1)",
+    )
+    p.add_argument(
+        "--renderer",
+        default=comics.HELDOUT_RENDERERS[0],
+        choices=[*comics.RENDERERS_V2, "v1"],
+        help="drawing code of the strips and scenes (default: the one organism v2 never saw "
+        "in training); v1: organism v1's strips (Pillow, 84-px panels, 1x6 and 2x3 only)",
+    )
+    p.add_argument(
+        "--sizes",
+        default="heldout",
+        choices=comics.SIZES,
+        help="panel and scene sides: heldout = in bands training never drew",
+    )
     p.add_argument(
         "--every",
         type=int,
@@ -614,11 +644,26 @@ def main(argv: list[str] | None = None) -> int:
     llm, _ = load(args, Steering(strength=0.0))  # observer only, until steered
     L = llm.steering.mask.shape[0]
     sets = head_sets(args.sets, hm, seed=args.eval_seed)
-    layouts = ["2x3", "1x6"] if args.layout == "both" else [args.layout]
+    v1 = args.renderer == "v1"
+    layouts = ["2x3", "1x6"] if v1 else list(comics.LAYOUTS_V2)  # v1: wave 1's order
+    if args.layout != "all":
+        if args.layout not in layouts:
+            raise CliError(f"--layout {args.layout}: v1 strips have {', '.join(layouts)}")
+        layouts = [args.layout]
     base = 5 * 10**9 + 1000 * args.eval_seed  # seeds no training used
-    strips = [comics.make_strip(base + i, layouts[i % len(layouts)]) for i in range(args.n_strips)]
+    if v1:
+        strips = [
+            comics.make_strip(base + i, layouts[i % len(layouts)]) for i in range(args.n_strips)
+        ]
+        scenes = [comics.make_scene(base + i) for i in range(args.n_strips)]
+    else:
+        strips = [
+            comics.make_strip_v2(base + i, layouts[i % len(layouts)], args.sizes)
+            for i in range(args.n_strips)
+        ]
+        scenes = [comics.make_scene_v2(base + i, args.sizes) for i in range(args.n_strips)]
     focus = args.focus or rec["focus"]
-    ev = Evaluator(llm, strength, focus=None if focus == "none" else focus)
+    ev = Evaluator(llm, strength, focus=None if focus == "none" else focus, renderer=args.renderer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -627,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
         "strength": strength,
         "focus": ev.focus,
         "n_strips": args.n_strips,
+        "renderer": args.renderer,
+        "sizes": args.sizes,
+        "layouts": layouts,
         "head_sets": {
             k: v if isinstance(v, str) else [list(x) for x in v] for k, v in sets.items()
         },
@@ -637,7 +685,6 @@ def main(argv: list[str] | None = None) -> int:
             report["narration"] = ev.narration(strips, sets)
             bar_png(report["narration"], out / "narration.png", "narration: steered to panel k")
         if "box" in exps:
-            scenes = [comics.make_scene(base + i) for i in range(args.n_strips)]
             report["box"] = ev.box(scenes, sets)
             bar_png(report["box"], out / "box.png", "scenes: steered to one object's box")
         if "vqa" in exps:
@@ -654,7 +701,6 @@ def main(argv: list[str] | None = None) -> int:
             for i, st in enumerate(report["dynamic"][first]["staircases"]):
                 staircase_png(st, out / f"dynamic_staircase_{i}.png")
         if "pope" in exps:
-            scenes = [comics.make_scene(base + i) for i in range(args.n_strips)]
             boost = args.boost_layers or f"layers:0-{L - 1}"
             report["pope"] = ev.pope(scenes, boost, args.boost_strength, seed=args.eval_seed)
         if "sweep" in exps:

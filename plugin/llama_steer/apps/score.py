@@ -31,7 +31,7 @@ import numpy as np
 
 from llama_steer import _mtmd, comics
 from llama_steer._errors import SteeringError
-from llama_steer.roi import Panel
+from llama_steer.roi import Box, Panel
 
 QUESTION = "What is in panel {k}?"
 
@@ -194,13 +194,17 @@ def score_strip(
     answers: list[str] | None = None,
     prompt: str = QUESTION,
     shared_prefix: bool = True,
+    regions: list | None = None,
 ) -> np.ndarray:
-    """(Q, L, H, 6, 6) masses for one strip. ``layout``: "1x6" / "2x3" or (rows, cols);
+    """(Q, L, H, 6, 6) masses for one strip. ``layout``: "1x6" / "2x3" or (rows, cols), an
+    equal grid, unless ``regions`` gives the six panels' own ROIs (e.g. ``Box`` each);
     ``answers``: the expected answer per panel (needed for answer:N queries)."""
     llm, st = prompter.llm, prompter.llm.steering
-    rows, cols = comics.LAYOUTS[layout] if isinstance(layout, str) else layout
     L, H = st.mask.shape
-    panels = [Panel(r, grid=(rows, cols)) for r in range(1, 7)]
+    if regions is None:
+        rows, cols = comics.LAYOUTS_V2[layout] if isinstance(layout, str) else layout
+        regions = [Panel(r, grid=(rows, cols)) for r in range(1, 7)]
+    panels = list(regions)
     out = np.zeros((len(queries), L, H, 6, 6))
     with prompter.quiet():
         bitmap = prompter.h._create_bitmap_from_bytes(comics.png_bytes(img))
@@ -357,9 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--layout",
         default="2x3",
-        choices=sorted(comics.LAYOUTS),
-        help="layout of generated strips (folders are stitched 1x6)",
+        choices=[*sorted(comics.LAYOUTS_V2), "all"],
+        help="layout of generated strips, all: 1x6, 2x3, 3x2, 6x1 in turn (folders are "
+        "stitched 1x6)",
     )
+    p.add_argument(
+        "--renderer",
+        default="pillow",
+        choices=[*comics.RENDERERS_V2, "v1"],
+        help="drawing code of generated strips (v1: organism v1's, 1x6 and 2x3 only)",
+    )
+    p.add_argument("--sizes", default="train", choices=comics.SIZES, help="their panel sides")
     p.add_argument("--n-samples", type=int, default=100)
     p.add_argument(
         "--queries",
@@ -385,13 +397,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.comics == "generated":
         seeds = [3 * 10**9 + i for i in range(args.n_samples)]  # never used in training
         layout: str | tuple = args.layout
-        items = [(str(s), comics.make_strip(s, layout)) for s in seeds]
+        names = list(comics.LAYOUTS if args.renderer == "v1" else comics.LAYOUTS_V2)
+        if layout != "all" and layout not in names:
+            raise CliError(f"--layout {layout}: {args.renderer} strips have {', '.join(names)}")
+        each = [names[i % len(names)] if layout == "all" else layout for i in range(len(seeds))]
+        if args.renderer == "v1":  # organism v1's strips: an equal grid
+            items = [(str(s), comics.make_strip(s, lo)) for s, lo in zip(seeds, each, strict=True)]
+        else:
+            items = [
+                (str(s), comics.make_strip_v2(s, lo, args.sizes))
+                for s, lo in zip(seeds, each, strict=True)
+            ]
         strips = [
-            (name, comics.render(desc), [p.thing.name for p in desc.panels]) for name, desc in items
+            (
+                name,
+                comics.render(desc)
+                if args.renderer == "v1"
+                else comics.render_v2(desc, args.renderer),
+                [p.thing.name for p in desc.panels],
+                [Box(*p.box) for p in desc.panels],  # panels of their own sizes
+            )
+            for name, desc in items
         ]
     else:
         layout = (1, 6)
-        strips = [(n, im, None) for n, im in strips_from_dir(args.comics)[: args.n_samples]]
+        strips = [(n, im, None, None) for n, im in strips_from_dir(args.comics)[: args.n_samples]]
         if any(q != "last" for q in queries):
             raise CliError("folders carry no answers: use --queries last")
     args.model, args.mmproj, args.image = model, mmproj, []
@@ -411,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     prompter = StripPrompter(llm, handler)
     t0 = time.time()
     try:
-        for i, (name, img, answers) in enumerate(strips):
+        for i, (name, img, answers, regions) in enumerate(strips):
             if name in done:
                 continue
             sums.mass += score_strip(
@@ -422,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 answers,
                 args.prompt,
                 shared_prefix=not args.full_prefill,
+                regions=regions,
             )
             sums.n_strips += 1
             done.append(name)
@@ -447,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt,
             "comics": args.comics,
             "layout": str(layout),
+            "renderer": args.renderer if args.comics == "generated" else None,
+            "sizes": args.sizes if args.comics == "generated" else None,
             "shared_prefix": not args.full_prefill,
         },
         top_k=args.top_k,
