@@ -45,6 +45,11 @@ extern "C" {
 /* phases (bitmask in a config; one value in steer_hook_begin_eval) */
 #define STEER_PHASE_PREFILL 1
 #define STEER_PHASE_DECODE 2
+/* a config's phases may add this flag: each edited row gets, besides the bias, one constant
+ * over the cells of non-zero bias that keeps their total attention share in that row as it
+ * was (mode "reroute": attention moves inside the image; the text keeps its share). Needs
+ * tail == 0. */
+#define STEER_EDIT_KEEP_SHARE 4
 
 /* which query rows the observer reads */
 #define STEER_ROWS_LAST 0
@@ -100,7 +105,7 @@ int steer_hook_bind(steer_hook *h, int32_t n_layer, int32_t n_head, const steer_
  * heads:   [n_layer * n_head] 0/1, row-major (layer, head); NULL = no head steered
  * bias:    [n_cells] additive bias per KV cell in logit units, strength already applied
  * tail:    bias for cells >= n_cells (PASTA's "everything else"), logit units
- * phases:  STEER_PHASE_* bitmask of the phases whose rows are edited
+ * phases:  STEER_PHASE_* bitmask of the phases whose rows are edited, | STEER_EDIT_KEEP_SHARE
  * region:  [n_region_cells] region id per KV cell for the observer, -1 = none; NULL = off
  * obs_layers: [n_layer] 0/1 layers whose kq_soft_max is observed; NULL = none
  * obs_rows:   STEER_ROWS_LAST (overwrite with the last row) or STEER_ROWS_ALL (accumulate)

@@ -166,7 +166,9 @@ int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias
     if (!h) return STEER_E_ARG;
     if (!h->bound) return STEER_E_UNBOUND;
     if (n_cells < 0 || (n_cells > 0 && !bias) || !isfinite(tail)) return STEER_E_ARG;
-    if (phases & ~(STEER_PHASE_PREFILL | STEER_PHASE_DECODE)) return STEER_E_ARG;
+    if (phases & ~(STEER_PHASE_PREFILL | STEER_PHASE_DECODE | STEER_EDIT_KEEP_SHARE))
+        return STEER_E_ARG;
+    if ((phases & STEER_EDIT_KEEP_SHARE) && tail != 0.0f) return STEER_E_ARG;
     if (n_region_cells < 0 || n_regions < 0 || n_regions > 32767) return STEER_E_ARG;
     if (region && n_regions == 0) return STEER_E_ARG;
     if (obs_rows != STEER_ROWS_LAST && obs_rows != STEER_ROWS_ALL) return STEER_E_ARG;
@@ -206,8 +208,9 @@ int steer_hook_set_config(steer_hook *h, const uint8_t *heads, const float *bias
         }
     if (c.hi == 0) c.lo = 0;
     c.tail = tail;
-    c.phases = phases;
-    c.edits = any_head && phases != 0 && (c.hi > c.lo || tail != 0.0f);
+    c.keep_share = (phases & STEER_EDIT_KEEP_SHARE) != 0;
+    c.phases = phases & (STEER_PHASE_PREFILL | STEER_PHASE_DECODE);
+    c.edits = any_head && c.phases != 0 && (c.hi > c.lo || tail != 0.0f);
     if (region && n_region_cells > 0)
         memcpy(c.region, region, sizeof(int16_t) * (size_t)n_region_cells);
     c.n_region_cells = region ? n_region_cells : 0;
@@ -344,7 +347,11 @@ static int edit(steer_hook *h, const steer_cfg *c, int32_t il, int32_t phase, fl
             if (!sel[k]) continue;
             for (int64_t i = 0; i < ne[1]; i++) {
                 float *row = (float *)((char *)data + i * nb[1] + k * nb[2] + s * nb[3]);
-                steer_edit_row(row, ne[0], c->bias, c->n_cells, c->tail, c->lo, c->hi, inv_scale);
+                if (c->keep_share)
+                    steer_edit_row_keep(row, ne[0], c->bias, c->lo, c->hi, sc);
+                else
+                    steer_edit_row(row, ne[0], c->bias, c->n_cells, c->tail, c->lo, c->hi,
+                                   inv_scale);
                 h->stats.n_rows_edited++;
             }
         }

@@ -140,8 +140,9 @@ int steer_cuda_edit(steer_hook *h, const steer_cfg *c, int32_t il, void *data,
     long long a_ne0 = ne[0], a_nb1 = nb[1], a_nb2 = nb[2], a_nb3 = nb[3];
     int n_cells = c->n_cells, lo = c->lo, hi = c->hi;
     float tail = c->tail;
+    int keep_share = c->keep_share;
     void *args[] = {&data, &a_ne0, &a_nb1, &a_nb2, &a_nb3, &heads, &cu->d_bias,
-                    &n_cells, &tail, &lo, &hi, &inv_scale};
+                    &n_cells, &tail, &lo, &hi, &inv_scale, &keep_share};
     if (cu->launch(cu->f_edit, (unsigned)ne[1], (unsigned)n_head, (unsigned)ne[3], 128, 1, 1, 0,
                    cu->stream, args, NULL) ||
         cu->stream_sync(cu->stream))

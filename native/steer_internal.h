@@ -37,6 +37,7 @@ typedef struct steer_cfg {
     float tail;
     int32_t lo, hi; /* non-zero range of bias */
     int32_t phases;
+    int keep_share; /* STEER_EDIT_KEEP_SHARE: rows keep the edited cells' attention share */
     int edits; /* any edit can change a value */
     int16_t *region;
     int32_t n_region_cells;

@@ -3,7 +3,8 @@
  * path, on kq-<il> / kq_soft_max-<il> tensors that live in device memory.
  *
  *   steer_edit_kernel     grid (n_tokens, n_head, n_stream), one block per (query, head)
- *                         row; threads stride over key cells adding steer_delta
+ *                         row; threads stride over key cells adding steer_delta (or, with
+ *                         keep_share, the bias plus the row's steer_keep_shift)
  *   steer_observe_kernel  grid (n_rows, n_head, n_stream); per-region sums of a row in
  *                         shared memory, then one atomicAdd per region into acc[head][region]
  *
@@ -17,11 +18,23 @@ extern "C" __global__ void steer_edit_kernel(char *data, long long ne0, long lon
                                              long long nb2, long long nb3,
                                              const unsigned char *heads, const float *bias,
                                              int n_cells, float tail, int lo, int hi,
-                                             float inv_scale) {
+                                             float inv_scale, int keep_share) {
     const long long i = blockIdx.x, k = blockIdx.y, s = blockIdx.z;
     if (!heads[k]) return;
     float *row = (float *)(data + i * nb1 + k * nb2 + s * nb3);
     const long long end = (long long)hi < ne0 ? (long long)hi : ne0;
+    if (keep_share) {
+        /* one thread computes the row's keep-share constant with the host's own function
+         * (rows are a few thousand cells; the edit is a small part of a decode step), then
+         * all threads add bias + constant to the cells of non-zero bias */
+        __shared__ float shift;
+        if (threadIdx.x == 0) shift = steer_keep_shift(row, ne0, bias, lo, hi, 1.0f / inv_scale);
+        __syncthreads();
+        for (long long j = lo + threadIdx.x; j < end; j += blockDim.x) {
+            if (bias[j] != 0.0f) row[j] += (bias[j] + shift) * inv_scale;
+        }
+        return;
+    }
     for (long long j = lo + threadIdx.x; j < end; j += blockDim.x) {
         row[j] += steer_delta(j, bias, n_cells, tail, lo, hi, inv_scale);
     }

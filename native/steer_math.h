@@ -7,6 +7,10 @@
  *                    tail * inv_scale from n_cells on (PASTA's "everything else")
  *   steer_edit_row   a whole (query, head) row on the host, visiting only cells where
  *                    steer_delta can be non-zero
+ *   steer_keep_shift the constant (logit units) that keeps a row's softmax mass on the
+ *                    cells of non-zero bias unchanged under the edit (STEER_EDIT_KEEP_SHARE):
+ *                    log sum exp(z_j) - log sum exp(z_j + b_j) over those cells, z = scale*x
+ *   steer_edit_row_keep  steer_edit_row with that constant added to the same cells
  *   steer_region     region id of key cell j for the observer (-1 = none)
  *   steer_observe_row  per-region sums of one post-softmax row on the host
  *
@@ -51,6 +55,38 @@ STEER_HD void steer_edit_row(float *STEER_RESTRICT row, long long n_kv, const fl
         for (long long j = n_cells; j < n_kv; j++) {
             row[j] += t;
         }
+    }
+}
+
+/* host: the keep-share constant of one row (see the top); 0 when no cell has a bias */
+STEER_HD float steer_keep_shift(const float *STEER_RESTRICT row, long long n_kv,
+                                const float *STEER_RESTRICT bias, int lo, int hi, float scale) {
+    long long end = (long long)hi < n_kv ? (long long)hi : n_kv;
+    float m = -3.0e38f, mb = -3.0e38f; /* maxima of z and z + b: each sum has a term 1 */
+    for (long long j = lo; j < end; j++) {
+        if (bias[j] == 0.0f) continue;
+        float z = row[j] * scale;
+        if (z > m) m = z;
+        if (z + bias[j] > mb) mb = z + bias[j];
+    }
+    if (m == -3.0e38f) return 0.0f;
+    float a = 0.0f, b = 0.0f;
+    for (long long j = lo; j < end; j++) {
+        if (bias[j] == 0.0f) continue;
+        float z = row[j] * scale;
+        a += expf(z - m);
+        b += expf(z + bias[j] - mb);
+    }
+    return (m + logf(a)) - (mb + logf(b));
+}
+
+STEER_HD void steer_edit_row_keep(float *STEER_RESTRICT row, long long n_kv,
+                                  const float *STEER_RESTRICT bias, int lo, int hi, float scale) {
+    const float c = steer_keep_shift(row, n_kv, bias, lo, hi, scale);
+    const float inv_scale = 1.0f / scale;
+    long long end = (long long)hi < n_kv ? (long long)hi : n_kv;
+    for (long long j = lo; j < end; j++) {
+        if (bias[j] != 0.0f) row[j] += (bias[j] + c) * inv_scale;
     }
 }
 

@@ -169,11 +169,11 @@ def test_unknown_scale_is_an_error_not_a_silent_skip():
         assert hook.stats().flags & _native.lib.STEER_F_NO_SCALE
 
 
-def _probs_after(kq, scale, mask, hook=None, layer=None):
+def _probs_after(kq, scale, mask, hook=None, layer=None, phase=PF):
     """Attention (float64) after softmax(kq*scale + mask), optionally after the hook's edit."""
     kq = kq.copy()
     if hook is not None:
-        hook.edit_buffer(layer, PF, kq)
+        hook.edit_buffer(layer, phase, kq)
     return softmax(kq.astype(np.float64) * scale + mask)
 
 
@@ -441,3 +441,85 @@ def test_observer_survives_a_concurrent_publish(tmp_path):
     r = subprocess.run([str(exe), "3"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, r.stderr[-4000:]
     assert r.stdout.startswith("ok:"), r.stdout
+
+
+@pytest.mark.parametrize("strength", [0.5, 2.5, 12.0, 60.0])
+def test_reroute_keeps_each_rows_share_and_redirects_inside_it(strength):
+    """mode="reroute": per (query, head) row, the domain's total attention stays what it was
+    and inside it the mass is the redirected one: p_j = A(D) * A_j e^(b_j) / sum_D A_k e^(b_k)
+    for j in the domain D (target included), p_j = A_j outside it. Decode rows (all cells
+    visible but the 3 unfilled ones); strengths up to where float32 exp would overflow a
+    naive sum."""
+    rng = np.random.default_rng(11)
+    n, T, H = 30, 3, 4
+    tokens = list(range(n))
+    pieces = [f"t{i} ".encode() for i in range(n)]
+    target, domain = Tokens(8, 12), Tokens(4, 20)
+    steer = Steering(heads="all", roi=target, mode="reroute", strength=strength, domain=domain)
+    assert steer._resolved.decode_only
+    seq = Seq.text_only(tokens, pieces)
+    bias, tail = steer._bias(seq)
+    assert tail == 0.0
+    scale = 0.25
+    kq = (rng.normal(size=(1, H, T, n + 3)) * 4).astype(np.float32)
+    mask = np.zeros((T, n + 3))
+    mask[:, n:] = -np.inf
+    with make_hook(n_layer=1, n_head=H, scales=(scale,)) as hook:
+        hook.set_config(np.ones((1, H), bool), bias, phases=DEC | _native.KEEP_SHARE)
+        got = _probs_after(kq, scale, mask, hook, 0, phase=DEC)
+    A = _probs_after(kq, scale, mask)
+    D = resolve((domain,), seq)[0]
+    b = np.zeros(n + 3)
+    b[D] = -strength
+    b[resolve((target,), seq)[0]] = strength
+    inside = np.zeros(n + 3, bool)
+    inside[D] = True
+    want = A.copy()
+    w = A * np.exp(b - b.max())
+    share = (A * inside).sum(-1, keepdims=True)
+    want[..., inside] = share * w[..., inside] / w[..., inside].sum(-1, keepdims=True)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose((got * inside).sum(-1), share[..., 0], rtol=1e-4)
+
+
+def test_reroute_is_refused_where_it_is_undefined():
+    with pytest.raises(SteeringError, match="decode_only=True") as e:
+        Steering(roi="panel:2/6", mode="reroute", decode_only=False)
+    assert e.value.field == "decode_only"
+    with make_hook() as hook, pytest.raises(Exception, match="steer_hook_set_config"):
+        hook.set_config(
+            np.ones((3, 4), bool),
+            np.ones(5, np.float32),
+            tail=-1.0,
+            phases=DEC | _native.KEEP_SHARE,
+        )  # keep-share has no "everything else"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n_kv=st.integers(1, 70),
+    n_cells=st.integers(0, 80),
+    scale=st.floats(0.01, 10.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_keep_share_never_nan_and_keeps_the_share(n_kv, n_cells, scale, seed):
+    rng = np.random.default_rng(seed)
+    with _native.Hook() as hook:
+        hook.bind(1, 2)
+        hook.set_scale(0, scale)
+        bias = (rng.uniform(-1, 1, n_cells) * 10 ** rng.uniform(-3, 4, n_cells)).astype(np.float32)
+        bias[rng.random(n_cells) < 0.3] = 0.0
+        hook.set_config(np.ones((1, 2), bool), bias, phases=DEC | _native.KEEP_SHARE)
+        kq = (rng.normal(size=(1, 2, 3, n_kv)) * 5).astype(np.float32)
+        before = kq.copy()
+        hook.edit_buffer(0, DEC, kq)
+        assert np.all(np.isfinite(kq))
+        edited = np.zeros(n_kv, bool)
+        m = min(n_kv, n_cells)
+        edited[:m] = bias[:m] != 0
+        np.testing.assert_array_equal(kq[..., ~edited], before[..., ~edited])
+        p0, p1 = (softmax(x.astype(np.float64) * scale) for x in (before, kq))
+        np.testing.assert_allclose(
+            (p1 * edited).sum(-1), (p0 * edited).sum(-1), rtol=2e-3, atol=1e-6
+        )

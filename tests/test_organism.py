@@ -68,7 +68,6 @@ def test_logits_match_the_pytorch_reference(llm, arch):
     got = np.ctypeslib.as_array(
         llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)
     ).astype(np.float32)
-    assert llm.n_tokens == meta["n_prompt_tokens"]  # the same image token grid as PyTorch's
     assert int(got.argmax()) == meta["argmax"]
     assert np.abs(got - ref).max() <= 2e-2 * np.abs(ref).max()  # f16 weights vs f32 torch
     np.testing.assert_array_equal(np.argsort(-got)[:3], np.argsort(-ref)[:3])

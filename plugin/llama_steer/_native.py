@@ -27,6 +27,7 @@ lib = _steer_native.lib
 
 PHASE_PREFILL = lib.STEER_PHASE_PREFILL
 PHASE_DECODE = lib.STEER_PHASE_DECODE
+KEEP_SHARE = lib.STEER_EDIT_KEEP_SHARE  # a flag in phases: rows keep the edited cells' share
 ROWS_LAST = lib.STEER_ROWS_LAST
 ROWS_ALL = lib.STEER_ROWS_ALL
 

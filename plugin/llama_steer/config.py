@@ -27,6 +27,12 @@ Modes, as a bias per KV cell in logit units (added after the 1/sqrt(d) scale)::
     bias         b[target] = strength * w            w = 1, or ``weights`` (one per target cell)
     shift        b[target] = strength * (s - mean)/std   s = ``weights``, a saliency over the ROI
     redirect     b[domain] = -strength, b[target] = +strength   (the gaze-heads edit)
+    reroute      redirect's bias plus, per edited (query, head) row, one constant over the
+                 domain and target that keeps their total attention share in that row as it
+                 was: attention moves *inside* the image and the text keeps its share, so a
+                 head that reads the previous word at some step goes on reading it (the
+                 native hook computes it from the row; decode_only only, where every row
+                 sees the whole image)
     emphasize    b[everything but target] = -strength          (PASTA: attention outside the
                  target scaled by exp(-strength); strength 4.6 ~ PASTA's coefficient 0.01)
     image-boost  b[every image token] = +strength             (PAI/VAF against "text inertia";
@@ -63,7 +69,8 @@ __all__ = [
     "parse_heads",
 ]
 
-MODES = ("bias", "shift", "redirect", "emphasize", "image-boost")
+MODES = ("bias", "shift", "redirect", "reroute", "emphasize", "image-boost")
+REDIRECTS = ("redirect", "reroute")  # boost the target, suppress the rest of the domain
 FOCUS = ("none", "content")
 # biases are finite and bounded so an edited row stays finite (no all -inf row, no NaN)
 MAX_STRENGTH = 1.0e4
@@ -229,8 +236,8 @@ class SteeringConfig:
     mode: one of MODES; strength: logit units, 0 = no edit at all.
     weights: one value per ROI cell (float, (n_target_cells,)): a real-valued mask for
         "bias", the saliency for "shift".
-    domain: for "redirect", the cells to suppress while the ROI is boosted (image targets
-        default to their image).
+    domain: for "redirect" and "reroute", the cells to suppress while the ROI is boosted
+        (image targets default to their image).
     decode_only: edit only generated tokens' queries (the gaze-heads default).
     focus: "content" (image targets narrowed to the tokens that show something) or "none".
     headmap, top_k: a Headmap (or its path, or its JSON dict) and how many of its best heads.
@@ -319,9 +326,15 @@ class SteeringConfig:
                 "mode='shift' needs weights=: the saliency s over the ROI's cells "
                 "(normalised to (s - mean)/std and scaled by strength), or a Saliency roi"
             )
-        if self.mode == "redirect" and self.roi and not self.domain and not has_image:
+        if self.mode == "reroute" and self.decode_only is False:
             raise SteeringError(
-                "mode='redirect' needs a domain: the cells to suppress while the ROI is "
+                "mode='reroute' keeps each row's share on the image, which prompt rows inside "
+                "the image see only in part: use decode_only=True, or mode='redirect'",
+                field="decode_only",
+            )
+        if self.mode in REDIRECTS and self.roi and not self.domain and not has_image:
+            raise SteeringError(
+                f"mode={self.mode!r} needs a domain: the cells to suppress while the ROI is "
                 "boosted (Python: domain=Text('<all the facts>'); CLI: --domain); image "
                 "targets default to their image",
                 field="domain",
@@ -416,7 +429,13 @@ class SteeringConfig:
 
         mode = pick("mode", "redirect" if image else "bias")
         strength = float(pick("strength", FALLBACK["strength"]))
-        decode_only = bool(pick("decode_only", FALLBACK["decode_only"]))
+        decode_only = bool(pick("decode_only", mode == "reroute" or FALLBACK["decode_only"]))
+        if mode == "reroute" and not decode_only:
+            raise SteeringError(
+                "mode='reroute' keeps each row's share on the image, which prompt rows inside "
+                "the image see only in part: use decode_only=True, or mode='redirect'",
+                field="decode_only",
+            )
         focus = self.focus or (rec.get("focus") if use_rec else None) or FALLBACK["focus"]
         if focus == "content" and (self.weights is not None or not image or mode == "shift"):
             focus = "none"  # a recommendation that does not apply here (text ROI, saliency)
@@ -508,7 +527,7 @@ class SteeringConfig:
         n = int(cells.max()) + 1 if cells.size else 0
         tail = 0.0
         dom = np.zeros(0, dtype=np.int64)
-        if mode == "redirect":
+        if mode in REDIRECTS:
             dom = _roi.resolve(self.domain, seq)[0] if self.domain else domain_of(self.roi, seq)
             n = max(n, int(dom.max()) + 1 if dom.size else 0)
         bias = np.zeros(n, dtype=np.float64)
@@ -524,7 +543,7 @@ class SteeringConfig:
                     "undefined; pass a saliency that varies"
                 )
             bias[cells] = s * (w - w.mean()) / sd
-        elif mode == "redirect":
+        elif mode in REDIRECTS:
             bias[dom] = -s
             bias[cells] = s
         elif mode == "emphasize":

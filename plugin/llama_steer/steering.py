@@ -317,6 +317,8 @@ class Steering:
             phases = _native.PHASE_DECODE
             if not self._resolved.decode_only:
                 phases |= _native.PHASE_PREFILL
+            if self._resolved.mode == "reroute":
+                phases |= _native.KEEP_SHARE
             edits = bool(heads.any()) and (bool(np.any(bias != 0)) or tail != 0.0)
             self._published = (heads, bias, tail, phases)
             self._edits = edits

@@ -552,9 +552,9 @@ def make_steering(args, one_shot: bool = False):
                 f"--focus content narrows image ROIs to the tokens that show something, but "
                 f"{flag} {r!r} is text only: drop --focus, or target an image region"
             )
-        if args.mode == "redirect" and _text_only(t) and not domain:
+        if args.mode in ("redirect", "reroute") and _text_only(t) and not domain:
             raise CliError(
-                f"--mode redirect boosts {flag} {r!r} and suppresses a domain, which a text ROI "
+                f"--mode {args.mode} boosts {flag} {r!r} and suppresses a domain, which a text ROI "
                 'does not imply: add --domain ROI (e.g. --domain text:"<all the facts>"), or '
                 "use --mode bias"
             )

@@ -154,10 +154,11 @@ class Evaluator:
         max_tokens: int = 12,
         focus: str | None = None,
         renderer: str = "sdf",
+        mode: str = "redirect",
     ):
         self.llm, self.steer = llm, llm.steering
         self.strength, self.decode_only, self.max_tokens = strength, decode_only, max_tokens
-        self.focus, self.renderer = focus, renderer
+        self.focus, self.renderer, self.mode = focus, renderer, mode
 
     def draw(self, desc):
         """The image of a strip or scene: a v2 one drawn by this evaluation's renderer, a
@@ -177,7 +178,7 @@ class Evaluator:
         self.steer.update(
             heads=heads,
             roi=roi,
-            mode="redirect",
+            mode=self.mode,
             strength=self.strength,
             decode_only=self.decode_only,
             focus=self.focus,
@@ -340,7 +341,7 @@ class Evaluator:
                         self.steer.update(
                             heads=heads,
                             roi=panel_roi(desc, t),
-                            mode="redirect",
+                            mode=self.mode,
                             strength=s,
                             decode_only=self.decode_only,
                             focus=self.focus,
@@ -581,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", default="top:10,random:10,bottom:10,all", dest="sets")
     p.add_argument("--strength", type=float, default=None, help="default: the headmap's")
     p.add_argument(
+        "--mode",
+        default=None,
+        choices=["redirect", "reroute"],
+        help="how steered heads are moved to the panel (default: the headmap's, else redirect)",
+    )
+    p.add_argument(
         "--focus",
         choices=["content", "none"],
         default=None,
@@ -663,13 +670,21 @@ def main(argv: list[str] | None = None) -> int:
         ]
         scenes = [comics.make_scene_v2(base + i, args.sizes) for i in range(args.n_strips)]
     focus = args.focus or rec["focus"]
-    ev = Evaluator(llm, strength, focus=None if focus == "none" else focus, renderer=args.renderer)
+    mode = args.mode or (rec.get("mode") if rec.get("mode") in ("redirect", "reroute") else None)
+    ev = Evaluator(
+        llm,
+        strength,
+        focus=None if focus == "none" else focus,
+        renderer=args.renderer,
+        mode=mode or "redirect",
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "model": model,
         "headmap": args.headmap,
         "strength": strength,
+        "mode": ev.mode,
         "focus": ev.focus,
         "n_strips": args.n_strips,
         "renderer": args.renderer,
