@@ -323,7 +323,7 @@ def test_without_v_only_the_error_reaches_stderr():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "llama-steer: error: box 5000,5000,6000,6000 is outside the image (252x168 px, grid "
-        "9x6 tokens)"
+        "8x5 tokens)"  # the embedded v2: 32-px tokens
     ]
     v = run_cli("--image", STRIP, "-p", ASK, "--roi", "box:5000,5000,6000,6000", "-v")
     assert "decoding image batch" in v.stderr or "add_text" in v.stderr  # -v shows them

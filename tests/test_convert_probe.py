@@ -177,6 +177,7 @@ def test_a_shape_only_map_steers_the_model_it_describes(organism, tmp_path, rank
     assert run_convert(str(ranking), "-o", str(out), *flags).returncode == 0
     strip = os.path.join(os.path.dirname(__file__), "data", "organism_ref_strip.png")
     r = run_cli(
+        "-m", organism[0], "--mmproj", organism[1],  # the qwen2vl organism (v1)
         "--image", strip, "-p", "What is in panel 2?", "--roi", "panel:2/6", "-n", "2", "-t", "2",
         "--headmap", str(out),
     )  # fmt: skip

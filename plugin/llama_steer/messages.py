@@ -117,12 +117,13 @@ def user_message(text: str, images: list, label: str = "image") -> dict:
 
 
 def embedded_model() -> tuple[str, str]:
-    """(text GGUF, mmproj GGUF) of the small VLM shipped in the package;
-    $LLAMA_STEER_ORGANISM_DIR points elsewhere (a retrained pair)."""
+    """(text GGUF, mmproj GGUF) of the small VLM shipped in the package: organism v2, the
+    Qwen3-VL-architecture one (v1, Qwen2-VL, ships beside it as organism-f16.gguf);
+    $LLAMA_STEER_ORGANISM_DIR points elsewhere (a retrained pair of the same names)."""
     d = Path(
         os.environ.get("LLAMA_STEER_ORGANISM_DIR") or Path(__file__).resolve().parent / "models"
     )
-    m, p = d / "organism-f16.gguf", d / "mmproj-organism-f16.gguf"
+    m, p = d / "organism-v2-f16.gguf", d / "mmproj-organism-v2-f16.gguf"
     if not (m.exists() and p.exists()):
         raise SteeringError(f"the embedded model is not installed ({d}): pass -m and --mmproj")
     return str(m), str(p)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError("the demo needs a vision model: pass --mmproj with -m")
     args.model, args.mmproj = model, mmproj
     # unset choices (heads, strength, focus, ...) are the library's: the model's headmap
-    steer = Steering(headmap=args.headmap, top_k=args.top_k, mode="redirect", strength=0.0)
+    steer = Steering(headmap=args.headmap, top_k=args.top_k, strength=0.0)
     llm, _ = load(args, steer)
     msgs = [user_message(QUESTION, [img])]
 

@@ -262,6 +262,7 @@ def to_headmap(
     method: dict | None = None,
     top_k: int = 10,
     strength: float = 8.0,
+    mode: str = "redirect",
 ):
     from llama_steer.headmap import Headmap, HeadScore, ModelIdentity
 
@@ -280,7 +281,7 @@ def to_headmap(
             method or {}, name="gaze", rank_by=rank, queries=sums.queries[q], n_strips=sums.n_strips
         ),
         scores=scores.tolist(),
-        defaults={"top_k": top_k, "mode": "redirect", "strength": strength, "decode_only": True},
+        defaults={"top_k": top_k, "mode": mode, "strength": strength, "decode_only": True},
     )
 
 
@@ -383,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=10, help="recommended top_k written")
     p.add_argument("--strength", type=float, default=8.0, help="recommended strength written")
     p.add_argument(
+        "--mode",
+        default="redirect",
+        choices=["redirect", "reroute"],
+        help="recommended mode written",
+    )
+    p.add_argument(
         "--full-prefill",
         action="store_true",
         help="evaluate every question from scratch (slow; for checking)",
@@ -484,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         top_k=args.top_k,
         strength=args.strength,
+        mode=args.mode,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     hm.save(out)
