@@ -72,6 +72,31 @@ def organism():
     return _organism_pair("organism")
 
 
+def vlm_maker(pair):
+    """Generator for a fixture: yields make(steering=None, cls=Llama, **kw), which loads the
+    VLM ``pair`` (model, mmproj) with its own mtmd handler (plain ``cls`` references load as
+    llama-steer does, under the AMX guard); every model made is closed at teardown."""
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from llama_steer import Llama, guarded_load
+
+    made = []
+
+    def make(steering=None, cls=Llama, **kw):
+        handler = MTMDChatHandler(clip_model_path=pair[1], verbose=False)
+        kw = {**dict(n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=0), **kw}
+        if cls is Llama:
+            kw["steering"] = steering
+        with guarded_load():
+            llm = cls(model_path=pair[0], chat_handler=handler, **kw)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.close()
+
+
 @pytest.fixture(scope="session")
 def organism_v2():
     """(model, mmproj) of organism v2, the Qwen3-VL-architecture VLM shipped beside it."""

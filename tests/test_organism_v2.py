@@ -7,9 +7,9 @@ the Python API and the CLI on strips of the renderer and sizes training never dr
 import llama_cpp
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, vlm_maker
 
-from llama_steer import ImageTokens, Llama, Steering, comics, guarded_load
+from llama_steer import ImageTokens, Steering, comics
 from llama_steer._gguf import read_metadata
 from llama_steer.apps.evaluate import Evaluator, objects_in, panel_roi
 from llama_steer.headmap import Headmap, ModelIdentity, find_headmap
@@ -25,23 +25,7 @@ def held_out_strip(i: int):
 
 @pytest.fixture
 def vlm2(organism_v2):
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-
-    made = []
-
-    def make(steering=None, cls=Llama, **kw):
-        handler = MTMDChatHandler(clip_model_path=organism_v2[1], verbose=False)
-        kw = {**dict(n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=0), **kw}
-        if cls is Llama:
-            kw["steering"] = steering
-        with guarded_load():
-            llm = cls(model_path=organism_v2[0], chat_handler=handler, **kw)
-        made.append(llm)
-        return llm
-
-    yield make
-    for llm in made:
-        llm.close()
+    yield from vlm_maker(organism_v2)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import weakref
 import llama_cpp
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, vlm_maker
 
 from llama_steer import (
     ImageTokens,
@@ -23,7 +23,6 @@ from llama_steer import (
     SteeringConfig,
     SteeringError,
     comics,
-    guarded_load,
 )
 from llama_steer.apps.score import StripPrompter, score_strip
 from llama_steer.messages import user_message
@@ -35,23 +34,7 @@ def msg(imgs, text):
 
 @pytest.fixture
 def vlm(organism):
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-
-    made = []
-
-    def make(steering=None, cls=Llama, **kw):
-        handler = MTMDChatHandler(clip_model_path=organism[1], verbose=False)
-        kw = {**dict(n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=0), **kw}
-        if cls is Llama:
-            kw["steering"] = steering
-        with guarded_load():  # plain references load as llama-steer does (AMX guard)
-            llm = cls(model_path=organism[0], chat_handler=handler, **kw)
-        made.append(llm)
-        return llm
-
-    yield make
-    for llm in made:
-        llm.close()
+    yield from vlm_maker(organism)
 
 
 def last_logits(llm, messages) -> np.ndarray:

@@ -71,6 +71,10 @@ __all__ = [
 
 MODES = ("bias", "shift", "redirect", "reroute", "emphasize", "image-boost")
 REDIRECTS = ("redirect", "reroute")  # boost the target, suppress the rest of the domain
+_REROUTE_PREFILL = (
+    "mode='reroute' keeps each row's share on the image, which prompt rows inside the image "
+    "see only in part: use decode_only=True, or mode='redirect'"
+)
 FOCUS = ("none", "content")
 # biases are finite and bounded so an edited row stays finite (no all -inf row, no NaN)
 MAX_STRENGTH = 1.0e4
@@ -327,11 +331,7 @@ class SteeringConfig:
                 "(normalised to (s - mean)/std and scaled by strength), or a Saliency roi"
             )
         if self.mode == "reroute" and self.decode_only is False:
-            raise SteeringError(
-                "mode='reroute' keeps each row's share on the image, which prompt rows inside "
-                "the image see only in part: use decode_only=True, or mode='redirect'",
-                field="decode_only",
-            )
+            raise SteeringError(_REROUTE_PREFILL, field="decode_only")
         if self.mode in REDIRECTS and self.roi and not self.domain and not has_image:
             raise SteeringError(
                 f"mode={self.mode!r} needs a domain: the cells to suppress while the ROI is "
@@ -431,11 +431,7 @@ class SteeringConfig:
         strength = float(pick("strength", FALLBACK["strength"]))
         decode_only = bool(pick("decode_only", mode == "reroute" or FALLBACK["decode_only"]))
         if mode == "reroute" and not decode_only:
-            raise SteeringError(
-                "mode='reroute' keeps each row's share on the image, which prompt rows inside "
-                "the image see only in part: use decode_only=True, or mode='redirect'",
-                field="decode_only",
-            )
+            raise SteeringError(_REROUTE_PREFILL, field="decode_only")
         focus = self.focus or (rec.get("focus") if use_rec else None) or FALLBACK["focus"]
         if focus == "content" and (self.weights is not None or not image or mode == "shift"):
             focus = "none"  # a recommendation that does not apply here (text ROI, saliency)
