@@ -152,20 +152,21 @@ def build_tokenizer(vocab_size: int = 448):
     return hf
 
 
-def build_config(tokenizer, shape: dict = MODEL_SHAPE):
-    from transformers import Qwen2VLConfig
-
+def text_fields(tokenizer, shape: dict, rope_scaling: dict, **extra) -> dict:
+    """The decoder's config fields shared by v1 (Qwen2-VL) and v2 (Qwen3-VL): sizes from
+    ``shape``, special token ids from ``tokenizer``; ``extra`` adds a version's own fields."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
-    text = dict(
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=shape["hidden"],
         intermediate_size=shape["intermediate"],
         num_hidden_layers=shape["layers"],
         num_attention_heads=shape["heads"],
         num_key_value_heads=shape["kv_heads"],
+        **extra,
         max_position_embeddings=2048,
         rope_theta=shape["rope_theta"],
-        rope_scaling={"type": "mrope", "mrope_section": list(shape["mrope_section"])},
+        rope_scaling=rope_scaling,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         bos_token_id=ids["<|endoftext|>"],
@@ -173,6 +174,14 @@ def build_config(tokenizer, shape: dict = MODEL_SHAPE):
         pad_token_id=ids["<|endoftext|>"],
         use_cache=True,
     )
+
+
+def build_config(tokenizer, shape: dict = MODEL_SHAPE):
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    rope = {"type": "mrope", "mrope_section": list(shape["mrope_section"])}
+    text = text_fields(tokenizer, shape, rope)
     vision = dict(
         depth=shape["vision_depth"],
         embed_dim=shape["vision_embed"],

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from common import CHAT_TEMPLATE, SPECIALS, comics, presence
+from common import CHAT_TEMPLATE, SPECIALS, comics, presence, text_fields
 
 ARCH = "Qwen3VLForConditionalGeneration"
 PATCH, MERGE, TPATCH = 16, 2, 2
@@ -78,28 +78,12 @@ def build_config(tokenizer, shape: dict = SHAPE):
     from transformers import Qwen3VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        head_dim=shape["head_dim"],
-        max_position_embeddings=2048,
-        rope_theta=shape["rope_theta"],
-        rope_scaling={
-            "rope_type": "default",
-            "mrope_section": list(shape["mrope_section"]),
-            "mrope_interleaved": True,
-        },
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        use_cache=True,
-    )
+    rope = {
+        "rope_type": "default",
+        "mrope_section": list(shape["mrope_section"]),
+        "mrope_interleaved": True,
+    }
+    text = text_fields(tokenizer, shape, rope, head_dim=shape["head_dim"])
     vision = dict(
         depth=shape["vision_depth"],
         hidden_size=shape["vision_hidden"],
