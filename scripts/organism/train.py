@@ -211,6 +211,34 @@ def train_step(model, heads, opt, params, batch, captured, aux_weight: float):
     return a_loss.item(), x_loss.item()
 
 
+class Progress:
+    """The running means of the answer, aux and bag losses of a training loop (v1 and v2),
+    printed as one line every 25 steps and reset.
+
+        progress = Progress(lr_at, captured)
+        progress.add(step, a_loss, x_loss, elapsed)   # after each optimiser step
+    """
+
+    def __init__(self, lr_at, captured: dict):
+        self.lr_at, self.captured = lr_at, captured
+        self.a = self.x = 0.0
+        self.n = 0
+
+    def add(self, step: int, a_loss: float, x_loss: float, elapsed: float) -> None:
+        self.a += a_loss
+        self.x += x_loss
+        self.n += 1
+        if step % 25 == 0:
+            n = self.n
+            print(
+                f"step {step} lr {self.lr_at(step):.2e} ans {self.a / n:.4f} aux {self.x / n:.4f} "
+                f"bag {self.captured.pop('bag_loss', 0) / n:.4f} {elapsed / 60:.1f} min",
+                flush=True,
+            )
+            self.a = self.x = 0.0
+            self.n = 0
+
+
 def lr_schedule(args):
     """Linear warm-up, then cosine down to 5% of --lr at --steps."""
 
@@ -358,8 +386,7 @@ def main() -> None:
 
     model.train()
     t_last = time.time()
-    acc_a = acc_x = 0.0
-    n_acc = 0
+    progress = Progress(lr_at, captured)
     while step < args.steps:
         if args.threads == "auto" and threads == 1 and os.path.exists(CPU_FREE):
             threads = 2
@@ -388,20 +415,10 @@ def main() -> None:
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        acc_a += a_loss
-        acc_x += x_loss
-        n_acc += 1
         if args.bench and step >= args.bench:
             print(f"{elapsed / step:.3f} s/step", flush=True)
             return
-        if step % 25 == 0:
-            print(
-                f"step {step} lr {lr_at(step):.2e} ans {acc_a / n_acc:.4f} aux {acc_x / n_acc:.4f} "
-                f"bag {captured.pop('bag_loss', 0) / n_acc:.4f} {elapsed / 60:.1f} min",
-                flush=True,
-            )
-            acc_a = acc_x = 0.0
-            n_acc = 0
+        progress.add(step, a_loss, x_loss, elapsed)
         if step % args.eval_every == 0 or step == args.steps:
             res = held_out(model, heads, enc, captured, args.eval_n)
             log.append(dict(step=step, minutes=round(elapsed / 60, 2), **res))

@@ -35,6 +35,7 @@ import v2
 from common import Encoder, build_tokenizer, comics
 from train import (
     AuxHeads,
+    Progress,
     capture,
     collate,
     forward,
@@ -274,8 +275,7 @@ def main() -> None:
 
     model.train()
     t_start = t_last = t_ckpt = time.time()
-    acc_a = acc_x = 0.0
-    n_acc = 0
+    progress = Progress(lr_at, captured)
     while step < args.steps and not stop["now"]:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -286,20 +286,10 @@ def main() -> None:
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        acc_a += a_loss
-        acc_x += x_loss
-        n_acc += 1
         if args.bench and step >= args.bench:
             print(f"{(now - t_start) / args.bench:.3f} s/step", flush=True)
             return
-        if step % 25 == 0:
-            print(
-                f"step {step} lr {lr_at(step):.2e} ans {acc_a / n_acc:.4f} aux {acc_x / n_acc:.4f} "
-                f"{elapsed / 60:.1f} min",
-                flush=True,
-            )
-            acc_a = acc_x = 0.0
-            n_acc = 0
+        progress.add(step, a_loss, x_loss, elapsed)
         if step % args.eval_every == 0 or step == args.steps:
             res = held_out(model, heads, enc, captured, args.eval_n, args.device)
             log.append(dict(step=step, minutes=round(elapsed / 60, 2), **res))
