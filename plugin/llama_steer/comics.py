@@ -443,6 +443,21 @@ def _label_map(desc) -> np.ndarray:
     return lab
 
 
+def _thing_classes(cells: np.ndarray, things, min_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """(colour, shape) classes per token, int64 (n,), from ``cells`` (n, pixels per token) of
+    thing labels (0 = none, i + 1 = things[i]): the thing covering most of a token, when it
+    covers at least ``min_px`` of its pixels; 0 (background) otherwise."""
+    colour = np.zeros(len(cells), np.int64)
+    shape = np.zeros(len(cells), np.int64)
+    counts = np.stack([(cells == i + 1).sum(1) for i in range(len(things))], 1)
+    best = counts.argmax(1)
+    for j in np.nonzero(counts.max(1) >= min_px)[0]:
+        t = things[best[j]]
+        colour[j] = 1 + COLOURS.index(t.colour)
+        shape[j] = 1 + SHAPES.index(t.shape)
+    return colour, shape
+
+
 def token_labels(desc, min_frac: float = 0.15) -> dict[str, np.ndarray]:
     """Classes per merged token (row-major, (H/28)*(W/28)) for training-only heads.
 
@@ -455,15 +470,7 @@ def token_labels(desc, min_frac: float = 0.15) -> dict[str, np.ndarray]:
     things = [p.thing for p in desc.panels] if isinstance(desc, Strip) else list(desc.things)
     lab = _label_map(desc).reshape(gh, TOKEN_PX, gw, TOKEN_PX).transpose(0, 2, 1, 3)
     lab = lab.reshape(gh * gw, TOKEN_PX * TOKEN_PX)
-    colour = np.zeros(gh * gw, np.int64)
-    shape = np.zeros(gh * gw, np.int64)
-    counts = np.stack([(lab == i + 1).sum(1) for i in range(len(things))], 1)
-    best = counts.argmax(1)
-    ok = counts.max(1) >= min_frac * TOKEN_PX * TOKEN_PX
-    for j in np.nonzero(ok)[0]:
-        t = things[best[j]]
-        colour[j] = 1 + COLOURS.index(t.colour)
-        shape[j] = 1 + SHAPES.index(t.shape)
+    colour, shape = _thing_classes(lab, things, min_frac * TOKEN_PX * TOKEN_PX)
     ry, rx = np.divmod(np.arange(gh * gw), gw)
     cy, cx = (ry + 0.5) * TOKEN_PX, (rx + 0.5) * TOKEN_PX
     if isinstance(desc, Strip):
@@ -1119,16 +1126,7 @@ def token_labels_v2(desc, token_px: int = TOKEN_PX_V2, min_frac: float = 0.15) -
         return a.reshape(gy * gx, token_px * token_px)
 
     lab, slots = cells(lab), cells(slot_map)
-    n = gy * gx
-    colour = np.zeros(n, np.int64)
-    shape = np.zeros(n, np.int64)
-    counts = np.stack([(lab == i + 1).sum(1) for i in range(len(things))], 1)
-    best = counts.argmax(1)
-    ok = counts.max(1) >= min_frac * token_px * token_px
-    for j in np.nonzero(ok)[0]:
-        t = things[best[j]]
-        colour[j] = 1 + COLOURS.index(t.colour)
-        shape[j] = 1 + SHAPES.index(t.shape)
+    colour, shape = _thing_classes(lab, things, min_frac * token_px * token_px)
     sc = np.stack([(slots == k).sum(1) for k in range(11)], 1)
     slot = sc.argmax(1).astype(np.int64)
     return {"colour": colour, "shape": shape, "slot": slot, "grid": (gy, gx)}
