@@ -21,7 +21,7 @@ import os
 from llama_cpp.llama_chat_format import MTMDChatHandler
 
 from llama_steer import Llama, Steering, comics
-from llama_steer.apps.evaluate import Evaluator, objects_in, panel_roi
+from llama_steer.apps.evaluate import Evaluator, objects_in
 from llama_steer.headmap import Headmap
 from llama_steer.messages import embedded_model
 
@@ -53,11 +53,7 @@ def main() -> None:
         desc = comics.make_strip_v2(args.base + i, layout, "heldout")
         img = ev.draw(desc)
         names = [p.thing.name for p in desc.panels]
-        for t in range(2, 7):
-            if names[t - 1] == names[0]:
-                continue
-            ev._steer(heads, panel_roi(desc, t))
-            ans = ev.ask(img, "What is in this panel?")
+        for t, ans in ev.steered_narrations(desc, img, heads):
             ok = objects_in(ans)[:1] == [names[t - 1]]
             by_layout[layout].append(ok)
             by_panel[t].append(ok)

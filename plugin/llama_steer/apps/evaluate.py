@@ -188,6 +188,16 @@ class Evaluator:
         # the ROI goes too: a pixel box of this image need not fit the next one
         self.steer.update(strength=0.0, roi=None)
 
+    def steered_narrations(self, desc, img, heads):
+        """Yields (k, answer) for each panel k = 2..6 of strip ``desc`` (drawn as ``img``)
+        whose object differs from panel 1's: "What is in this panel?" steered by ``heads`` to
+        panel k's pixel box (a steer to panel 1's object could not show in the text)."""
+        for k in range(2, 7):
+            if desc.panels[k - 1].thing.name == desc.panels[0].thing.name:
+                continue
+            self._steer(heads, panel_roi(desc, k))
+            yield k, self.ask(img, "What is in this panel?")
+
     # -- experiments ------------------------------------------------------------------------
     def narration(self, strips, sets: dict) -> dict:
         recs = {name: [] for name in sets}
@@ -197,11 +207,7 @@ class Evaluator:
             self._off()
             base = self.ask(img, "What is in this panel?")
             for name, heads in sets.items():
-                for k in range(2, 7):
-                    if desc.panels[k - 1].thing.name == desc.panels[0].thing.name:
-                        continue
-                    self._steer(heads, panel_roi(desc, k))
-                    ans = self.ask(img, "What is in this panel?")
+                for k, ans in self.steered_narrations(desc, img, heads):
                     named = objects_in(ans)
                     ok = ans != base and named[:1] == [desc.panels[k - 1].thing.name]
                     recs[name].append(float(ok))
