@@ -50,6 +50,19 @@ class AuxHeads(torch.nn.Module):
         self.bag = torch.nn.Linear(hidden, nc + ns + nc * ns)
         # per yes/no answer: the colour and the shape the question asks about
         self.query = torch.nn.Linear(hidden, nc + ns)
+        # per image token, from decoder hidden states (--token-weight): its own colour and shape.
+        # Why: the gaze heads (layers 4-5) read values made from layers 3-4, where the causal
+        # prefill had mixed earlier panels into each image token; steered narration then named
+        # the target's shape with an earlier panel's colour (MODEL_CARD.md, Steering).
+        self.tok_colour = torch.nn.Linear(hidden, 1 + nc)
+        self.tok_shape = torch.nn.Linear(hidden, 1 + ns)
+
+    def load(self, sd: dict) -> None:
+        """Load a checkpoint's heads; checkpoints from before the token heads lack only those."""
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        bad = [k for k in missing if not k.startswith("tok_")] + list(unexpected)
+        if bad:
+            raise SystemExit(f"checkpoint heads do not match AuxHeads: {bad}")
 
 
 def augment(img, desc, rng: np.random.Generator):
@@ -160,6 +173,14 @@ def forward(model, heads, batch, captured):
         + F.cross_entropy(heads.shape(v), aux["shape"])
         + 0.5 * F.cross_entropy(heads.slot(v), aux["slot"])
     )
+    if "tok" in captured:  # per image token at the --token-layers (ids order = merger order)
+        at = ids == captured["image_token_id"]
+        for h in captured["tok"].values():
+            x = h[at]
+            aux_loss = aux_loss + captured["token_weight"] * (
+                F.cross_entropy(heads.tok_colour(x), aux["colour"])
+                + F.cross_entropy(heads.tok_shape(x), aux["shape"])
+            )
     if "h" in captured:
         # positions whose next label is a turn's first answer token
         first = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)
@@ -196,6 +217,16 @@ def capture(model, args) -> dict:
             captured["h"] = o if torch.is_tensor(o) else o[0]
 
         model.model.language_model.layers[args.bag_layer].register_forward_hook(hook_h)
+    if getattr(args, "token_weight", 0) > 0:
+        captured["token_weight"] = args.token_weight
+        captured["image_token_id"] = model.config.image_token_id
+        captured["tok"] = {}
+        for layer in (int(x) for x in args.token_layers.split(",")):
+
+            def hook_t(_m, _i, o, layer=layer):
+                captured["tok"][layer] = o if torch.is_tensor(o) else o[0]
+
+            model.model.language_model.layers[layer].register_forward_hook(hook_t)
     return captured
 
 
@@ -348,14 +379,14 @@ def main() -> None:
     if ck.exists():
         state = torch.load(ck, weights_only=False)
         model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
+        heads.load(state["heads"])
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state.get("log", [])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
     elif args.init:
         state = torch.load(args.init, weights_only=False)
         model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"], strict=False)
+        heads.load(state["heads"])
         print(f"fine-tuning from {args.init} (its step {state['step']})", flush=True)
     if args.export_only:
         model.eval()

@@ -103,7 +103,7 @@ def held_out(model, heads, enc, captured, per_task: int, device) -> dict[str, fl
         ("train", comics.TRAIN_RENDERERS, "train"),
         ("heldout", comics.HELDOUT_RENDERERS, "heldout"),
     ]:
-        tally = {"colour": [0, 0], "shape": [0, 0]}
+        tally = {}
         for ti, task in enumerate(comics.TASKS):
             samples = [
                 v2.sample(
@@ -116,13 +116,19 @@ def held_out(model, heads, enc, captured, per_task: int, device) -> dict[str, fl
             ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(-1)
             res[f"{name}/{task}"] = round(ok.float().mean().item(), 3)
             v, aux = captured["v"], batch[5]
-            for k in ("colour", "shape"):  # the training-only merger heads, on object tokens
+            at = batch[0] == model.config.image_token_id
+            for k in ("colour", "shape"):  # the training-only heads, on object tokens
                 on = aux[k] > 0
-                hit = getattr(heads, k)(v).argmax(-1) == aux[k]
-                tally[k][0] += hit[on].sum().item()
-                tally[k][1] += on.sum().item()
+                reads = {"merger_" + k: getattr(heads, k)(v)}
+                for layer, h in captured.get("tok", {}).items():
+                    reads[f"layer{layer}_{k}"] = getattr(heads, "tok_" + k)(h[at])
+                for name_k, lg in reads.items():
+                    hit = lg.argmax(-1) == aux[k]
+                    t = tally.setdefault(name_k, [0, 0])
+                    t[0] += hit[on].sum().item()
+                    t[1] += on.sum().item()
         for k, (hit, n) in tally.items():
-            res[f"{name}/merger_{k}"] = round(hit / max(1, n), 3)
+            res[f"{name}/{k}"] = round(hit / max(1, n), 3)
     model.train()
     return res
 
@@ -161,6 +167,13 @@ def main() -> None:
     ap.add_argument("--bag-layer", type=int, default=3)
     ap.add_argument("--query-weight", type=float, default=0.0)
     ap.add_argument(
+        "--token-weight",
+        type=float,
+        default=0.0,
+        help="weight of the per-image-token colour/shape heads on --token-layers' hidden states",
+    )
+    ap.add_argument("--token-layers", default="3,4", help="decoder layers (outputs) they read")
+    ap.add_argument(
         "--renderers",
         default=",".join(comics.TRAIN_RENDERERS),
         help="training renderers (held-out ones are refused)",
@@ -195,14 +208,14 @@ def main() -> None:
             raise SystemExit(f"{ck} exists: pass --resume to continue it, or another --out")
         state = torch.load(ck, weights_only=False, map_location="cpu")
         model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
+        heads.load(state["heads"])
         step, elapsed, log = state["step"], state["elapsed"], state.get("log", [])
     elif args.resume or args.export_only:
         raise SystemExit(f"no checkpoint at {ck}")
     elif args.init:
         init = torch.load(args.init, weights_only=False, map_location="cpu")
         model.load_state_dict(init["model"])
-        heads.load_state_dict(init["heads"], strict=False)
+        heads.load(init["heads"])
         print(f"new stage from {args.init} (its step {init['step']})", flush=True)
     if args.export_only:
         model.eval()
