@@ -58,7 +58,8 @@ class AuxHeads(torch.nn.Module):
         self.tok_shape = torch.nn.Linear(hidden, 1 + ns)
 
     def load(self, sd: dict) -> None:
-        """Load a checkpoint's heads; checkpoints from before the token heads lack only those."""
+        """Resume a checkpoint's heads; checkpoints from before the token heads lack only those
+        (a new stage, --init, loads with strict=False: heads it lacks start fresh)."""
         missing, unexpected = self.load_state_dict(sd, strict=False)
         bad = [k for k in missing if not k.startswith("tok_")] + list(unexpected)
         if bad:
@@ -205,8 +206,11 @@ def capture(model, args) -> dict:
     tokens the LM receives), and with --bag-weight "h" the hidden states of --bag-layer."""
     captured = {}
 
+    def out(o):  # a module's output tensor (decoder layers return a tuple)
+        return o if torch.is_tensor(o) else o[0]
+
     def hook(_m, _i, o):
-        captured["v"] = o if torch.is_tensor(o) else o[0]
+        captured["v"] = out(o)
 
     model.model.visual.register_forward_hook(hook)
     if args.bag_weight > 0:
@@ -214,7 +218,7 @@ def capture(model, args) -> dict:
         captured["query_weight"] = args.query_weight
 
         def hook_h(_m, _i, o):
-            captured["h"] = o if torch.is_tensor(o) else o[0]
+            captured["h"] = out(o)
 
         model.model.language_model.layers[args.bag_layer].register_forward_hook(hook_h)
     if getattr(args, "token_weight", 0) > 0:
@@ -224,7 +228,7 @@ def capture(model, args) -> dict:
         for layer in (int(x) for x in args.token_layers.split(",")):
 
             def hook_t(_m, _i, o, layer=layer):
-                captured["tok"][layer] = o if torch.is_tensor(o) else o[0]
+                captured["tok"][layer] = out(o)
 
             model.model.language_model.layers[layer].register_forward_hook(hook_t)
     return captured
@@ -386,7 +390,7 @@ def main() -> None:
     elif args.init:
         state = torch.load(args.init, weights_only=False)
         model.load_state_dict(state["model"])
-        heads.load(state["heads"])
+        heads.load_state_dict(state["heads"], strict=False)
         print(f"fine-tuning from {args.init} (its step {state['step']})", flush=True)
     if args.export_only:
         model.eval()

@@ -215,7 +215,7 @@ def main() -> None:
     elif args.init:
         init = torch.load(args.init, weights_only=False, map_location="cpu")
         model.load_state_dict(init["model"])
-        heads.load(init["heads"])
+        heads.load_state_dict(init["heads"], strict=False)
         print(f"new stage from {args.init} (its step {init['step']})", flush=True)
     if args.export_only:
         model.eval()
