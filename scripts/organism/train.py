@@ -225,12 +225,22 @@ def capture(model, args) -> dict:
         captured["token_weight"] = args.token_weight
         captured["image_token_id"] = model.config.image_token_id
         captured["tok"] = {}
-        for layer in (int(x) for x in args.token_layers.split(",")):
+        layers = model.model.language_model.layers
+        try:
+            chosen = [int(x) for x in args.token_layers.split(",")]
+        except ValueError:
+            chosen = []
+        if not chosen or any(not 0 <= i < len(layers) for i in chosen):
+            raise SystemExit(
+                f"--token-layers {args.token_layers!r}: give decoder layers 0-{len(layers) - 1}, "
+                "comma-separated (e.g. 3,4)"
+            )
+        for layer in chosen:
 
             def hook_t(_m, _i, o, layer=layer):
                 captured["tok"][layer] = out(o)
 
-            model.model.language_model.layers[layer].register_forward_hook(hook_t)
+            layers[layer].register_forward_hook(hook_t)
     return captured
 
 
